@@ -1,0 +1,228 @@
+"""Direct DNS wire parsing: header, first question, counts and EDNS.
+
+``dns.message.from_wire`` costs ~190 µs a message; this reads only what the
+receiver reports (~3 µs) and never raises on malformed input: it returns what
+it could read and says whether the message was well formed.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+__all__ = ["HEADER_SIZE", "flags_text", "name_to_text", "parse", "qclass_text", "rcode_text", "rrtype_text"]
+
+HEADER_SIZE = 12
+_HEADER = struct.Struct("!6H")
+_U16_PAIR = struct.Struct("!HH")
+_RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_OPT_HEADER = struct.Struct("!HH")
+_MAX_POINTERS = 64  # more compression hops than any valid name needs: a loop
+
+OPT = 41
+_ZERO = b"\0"
+ECS_OPTION = 8
+
+
+def _table(to_text, size: int) -> list[str]:
+    return [to_text(i) for i in range(size)]
+
+
+# Code-to-text tables built once from dnspython so that names follow its
+# registry (unknown codes read TYPE1234 / CLASS1234, as RFC 3597 writes them).
+_RRTYPES = _table(dns.rdatatype.to_text, 65536)
+_RCODES = _table(dns.rcode.to_text, 4096)
+_OPCODES = _table(dns.opcode.to_text, 16)
+_CLASSES = {c: dns.rdataclass.to_text(c) for c in (1, 3, 4, 254, 255)}
+
+_FLAG_BITS = (
+    (0x8000, "QR"),
+    (0x0400, "AA"),
+    (0x0200, "TC"),
+    (0x0100, "RD"),
+    (0x0080, "RA"),
+    (0x0020, "AD"),
+    (0x0010, "CD"),
+)
+_FLAGS = {}
+
+
+def rrtype_text(qtype: int) -> str:
+    return _RRTYPES[qtype]
+
+
+def rcode_text(rcode: int) -> str:
+    return _RCODES[rcode] if rcode < 4096 else str(rcode)
+
+
+def qclass_text(qclass: int) -> str:
+    text = _CLASSES.get(qclass)
+    return text if text is not None else f"CLASS{qclass}"
+
+
+def flags_text(word: int) -> str:
+    """Header flags as dnspython writes them: 'QR RD RA'."""
+    key = word & 0x87B0
+    text = _FLAGS.get(key)
+    if text is None:
+        text = _FLAGS[key] = " ".join(name for bit, name in _FLAG_BITS if word & bit)
+    return text
+
+
+# Characters a presentation-format label must escape (RFC 1035 5.1, as dnspython does).
+_NEEDS_ESCAPE = re.compile(rb'[^\x21-\x7e]|["();\\@$]')
+_ESCAPED = [
+    (f"\\{chr(b)}" if chr(b) in '."();\\@$' else chr(b)) if 0x21 <= b <= 0x7E else f"\\{b:03d}"
+    for b in range(256)
+]
+
+
+def name_to_text(labels: list[bytes]) -> str:
+    """Presentation form of a name, with the trailing dot; the root is '.'."""
+    if not labels:
+        return "."
+    joined = b".".join(labels)
+    if joined.count(b".") == len(labels) - 1 and _NEEDS_ESCAPE.search(joined) is None:
+        return joined.decode("ascii") + "."
+    return "".join("".join(_ESCAPED[b] for b in label) + "." for label in labels)
+
+
+def read_name(wire: bytes, pos: int) -> tuple[list[bytes], int]:
+    """Labels of the name at ``pos`` and the offset just after it.
+
+    Raises IndexError/ValueError on truncation, bad label types or pointer loops;
+    callers turn those into a malformed flag.
+    """
+    labels = []
+    end = -1
+    hops = 0
+    total = 0
+    while True:
+        length = wire[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length < 64:
+            label = wire[pos + 1 : pos + 1 + length]
+            if len(label) != length:
+                raise ValueError("label overruns the message")
+            labels.append(label)
+            total += length + 1
+            if total > 255:
+                raise ValueError("name longer than 255 octets")
+            pos += 1 + length
+        elif length >= 0xC0:
+            target = ((length & 0x3F) << 8) | wire[pos + 1]
+            if end < 0:
+                end = pos + 2
+            hops += 1
+            if hops > _MAX_POINTERS or target >= len(wire):
+                raise ValueError("bad compression pointer")
+            pos = target
+        else:
+            raise ValueError("unknown label type")
+    return labels, (end if end >= 0 else pos)
+
+
+def _skip_name(wire: bytes, pos: int) -> int:
+    while True:
+        length = wire[pos]
+        if length == 0:
+            return pos + 1
+        if length >= 0xC0:
+            if pos + 2 > len(wire):
+                raise ValueError("truncated pointer")
+            return pos + 2
+        if length >= 64:
+            raise ValueError("unknown label type")
+        pos += 1 + length
+
+
+def _format_ecs(data: bytes) -> str | None:
+    if len(data) < 4:
+        return None
+    family, source = _U16_PAIR.unpack_from(data, 0)[0], data[2]
+    addr = data[4:]
+    if family == 1 and source <= 32 and len(addr) <= 4:
+        text = socket.inet_ntop(socket.AF_INET, addr.ljust(4, _ZERO))
+    elif family == 2 and source <= 128 and len(addr) <= 16:
+        text = socket.inet_ntop(socket.AF_INET6, addr.ljust(16, _ZERO))
+    else:
+        return None
+    return f"{text}/{source}"
+
+
+def _parse_edns(
+    wire: bytes, pos: int, qdcount: int, skip: int, arcount: int, rcode_low: int, rec: dict
+) -> None:
+    """Find the OPT record in the additional section and fill the edns-* fields."""
+    for _ in range(qdcount - 1):
+        pos = _skip_name(wire, pos) + 4
+    for _ in range(skip):
+        pos = _skip_name(wire, pos)
+        _, _, _, rdlen = _RR_FIXED.unpack_from(wire, pos)
+        pos += 10 + rdlen
+    for _ in range(arcount):
+        pos = _skip_name(wire, pos)
+        rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(wire, pos)
+        pos += 10
+        if rtype == OPT:
+            rec["edns-udp-size"] = rclass
+            rec["edns-version"] = (ttl >> 16) & 0xFF
+            rec["edns-do"] = bool(ttl & 0x8000)
+            rec["rcode"] = rcode_text(((ttl >> 24) << 4) | rcode_low)
+            opt, opt_end = pos, pos + rdlen
+            if opt_end > len(wire):
+                raise ValueError("OPT rdata overruns the message")
+            while opt + 4 <= opt_end:
+                code, olen = _OPT_HEADER.unpack_from(wire, opt)
+                opt += 4
+                if code == ECS_OPTION:
+                    rec["edns-client-subnet"] = _format_ecs(wire[opt : opt + olen])
+                opt += olen
+            return
+        pos += rdlen
+    if pos > len(wire):
+        raise ValueError("record overruns the message")
+
+
+def parse(wire: bytes, rec: dict) -> bool:
+    """Fill ``rec`` with the DNS fields of ``wire``; False if it is malformed.
+
+    Sets the header fields (id, opcode, rcode, flags, counts) whenever the header
+    is there, then qname/rrtype/qclass and the edns-* fields as far as they can
+    be read; the caller's record keeps its defaults for the rest.
+    """
+    if len(wire) < HEADER_SIZE:
+        return False
+    msg_id, word, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire, 0)
+    rec["id"] = msg_id
+    rec["opcode"] = _OPCODES[(word >> 11) & 0xF]
+    rec["rcode"] = _RCODES[word & 0xF]
+    rec["flags"] = flags_text(word)
+    rec["qdcount"] = qdcount
+    rec["ancount"] = ancount
+    rec["nscount"] = nscount
+    rec["arcount"] = arcount
+    ok = True
+    if qdcount:
+        try:
+            labels, pos = read_name(wire, HEADER_SIZE)
+            rec["qname"] = name_to_text(labels)
+            if pos + 4 > len(wire):
+                raise ValueError("truncated question")
+            qtype, qclass = _U16_PAIR.unpack_from(wire, pos)
+            rec["rrtype"] = _RRTYPES[qtype]
+            rec["qclass"] = qclass_text(qclass)
+            if arcount:
+                _parse_edns(wire, pos + 4, qdcount, ancount + nscount, arcount, word & 0xF, rec)
+        except (IndexError, ValueError, struct.error):
+            ok = False
+    return ok
+
