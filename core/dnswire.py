@@ -11,6 +11,7 @@ import re
 import socket
 import struct
 
+import dns.flags
 import dns.opcode
 import dns.rcode
 import dns.rdataclass
@@ -39,17 +40,8 @@ def _table(to_text, size: int) -> list[str]:
 _RRTYPES = _table(dns.rdatatype.to_text, 65536)
 _RCODES = _table(dns.rcode.to_text, 4096)
 _OPCODES = _table(dns.opcode.to_text, 16)
-_CLASSES = {c: dns.rdataclass.to_text(c) for c in (1, 3, 4, 254, 255)}
+_CLASSES = {int(c): dns.rdataclass.to_text(c) for c in dns.rdataclass.RdataClass}
 
-_FLAG_BITS = (
-    (0x8000, "QR"),
-    (0x0400, "AA"),
-    (0x0200, "TC"),
-    (0x0100, "RD"),
-    (0x0080, "RA"),
-    (0x0020, "AD"),
-    (0x0010, "CD"),
-)
 _FLAGS = {}
 
 
@@ -68,10 +60,10 @@ def qclass_text(qclass: int) -> str:
 
 def flags_text(word: int) -> str:
     """Header flags as dnspython writes them: 'QR RD RA'."""
-    key = word & 0x87B0
+    key = word & dns.flags.FLAGS_MASK  # all bits but opcode and rcode (Z reads FLAG6)
     text = _FLAGS.get(key)
     if text is None:
-        text = _FLAGS[key] = " ".join(name for bit, name in _FLAG_BITS if word & bit)
+        text = _FLAGS[key] = dns.flags.to_text(key)
     return text
 
 
@@ -114,7 +106,7 @@ def read_name(wire: bytes, pos: int) -> tuple[list[bytes], int]:
                 raise ValueError("label overruns the message")
             labels.append(label)
             total += length + 1
-            if total > 255:
+            if total > 254:  # 255 octets at most, with the root label
                 raise ValueError("name longer than 255 octets")
             pos += 1 + length
         elif length >= 0xC0:
@@ -183,6 +175,8 @@ def _parse_edns(
             while opt + 4 <= opt_end:
                 code, olen = _OPT_HEADER.unpack_from(wire, opt)
                 opt += 4
+                if opt + olen > opt_end:
+                    raise ValueError("EDNS option overruns the OPT record")
                 if code == ECS_OPTION:
                     rec["edns-client-subnet"] = _format_ecs(wire[opt : opt + olen])
                 opt += olen
@@ -211,8 +205,9 @@ def parse(wire: bytes, rec: dict) -> bool:
     rec["nscount"] = nscount
     rec["arcount"] = arcount
     ok = True
-    if qdcount:
-        try:
+    try:
+        pos = HEADER_SIZE
+        if qdcount:
             labels, pos = read_name(wire, HEADER_SIZE)
             rec["qname"] = name_to_text(labels)
             if pos + 4 > len(wire):
@@ -220,9 +215,11 @@ def parse(wire: bytes, rec: dict) -> bool:
             qtype, qclass = _U16_PAIR.unpack_from(wire, pos)
             rec["rrtype"] = _RRTYPES[qtype]
             rec["qclass"] = qclass_text(qclass)
-            if arcount:
-                _parse_edns(wire, pos + 4, qdcount, ancount + nscount, arcount, word & 0xF, rec)
-        except (IndexError, ValueError, struct.error):
-            ok = False
+            pos += 4
+        # EDNS also when there is no question (FORMERR/BADVERS answers).
+        if arcount:
+            _parse_edns(wire, pos, qdcount, ancount + nscount, arcount, word & 0xF, rec)
+    except (IndexError, ValueError, struct.error):
+        ok = False
     return ok
 

@@ -170,6 +170,10 @@ class ReaderSession:
                 break
             reply += self._on_control(parse_control(data[pos + 8 : end]))
             pos = end
+        if pos < n and self.state == self.DONE:
+            # Nothing may follow STOP; keeping it would buffer without bound.
+            self._buf = b""
+            raise UnexpectedFrame(f"{n - pos} bytes after STOP")
         self._buf = data[pos:] if pos < n else b""
         return reply
 

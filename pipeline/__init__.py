@@ -1,0 +1,1 @@
+"""dnstap receiver pipeline: configuration, command line and pipeline assembly."""

@@ -1,0 +1,80 @@
+"""Assemble the receiver's Beam pipeline from a Config."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline.config import Config
+from sinks.file import WriteToFile
+from sinks.stdout import WriteToStdout
+from sources.framestream_io import ReadFromFrameStream
+from sources.listener import HubSpec, TcpServerSpec, UnixServerSpec
+from transforms.decode import DecodeDnstap
+
+__all__ = ["LOCAL_RUNNERS", "add_outputs", "build_live_pipeline", "hub_spec", "make_runner"]
+
+# Runner names that mean "this process": run on the FnApiRunner directly. The
+# stock DirectRunner would first try to download Prism, then fall back to the
+# FnApiRunner anyway (see README, "Runners").
+LOCAL_RUNNERS = {None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner"}
+
+
+def hub_spec(config: Config) -> HubSpec:
+    inp = config.input
+    tcp = ()
+    if inp.tcp_socket.enable:
+        t = inp.tcp_socket
+        tcp = (
+            TcpServerSpec(
+                addresses=tuple(t.local_address),
+                port=t.local_port,
+                access_control_list=tuple(t.access_control_list),
+                tls_cert=t.tls_server_cert if t.tls_support else None,
+                tls_key=t.tls_server_key if t.tls_support else None,
+            ),
+        )
+    unix = ()
+    if inp.unix_socket.enable:
+        unix = (UnixServerSpec(path=inp.unix_socket.path, mode=inp.unix_socket.mode),)
+    return HubSpec(
+        tcp=tcp,
+        unix=unix,
+        max_frame_size=inp.max_frame_size,
+        batch_size=inp.batch_size,
+        queue_size=inp.queue_size,
+    )
+
+
+def make_runner(options: PipelineOptions):
+    """The runner object for ``options``: the in-process FnApiRunner for the
+    local runner names, else None (Beam resolves the named runner itself)."""
+    if options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return FnApiRunner()
+    return None
+
+
+def add_outputs(records, config: Config) -> None:
+    out = config.output
+    if out.stdout.enable:
+        records | "WriteToStdout" >> WriteToStdout(format=out.stdout.format)
+    if out.file.enable:
+        f = out.file
+        records | "WriteToFile" >> WriteToFile(
+            f.file, format=f.format, max_size=f.file_max_size, count=f.file_count
+        )
+
+
+def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec | None = None) -> beam.Pipeline:
+    """Sockets -> decode -> outputs, with no GroupByKey so that every step is
+    fused with the source and runs live on the local runner."""
+    p = beam.Pipeline(runner=make_runner(options), options=options)
+    records = (
+        p
+        | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
+        | "DecodeDnstap" >> DecodeDnstap()
+    )
+    add_outputs(records, config)
+    return p

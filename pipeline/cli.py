@@ -1,0 +1,146 @@
+"""The ``dnstap_receiver`` command: parse flags and config, run the pipeline,
+shut down cleanly on SIGTERM/SIGINT.
+
+Exit status: 0 after a clean shutdown, 2 for configuration and start-up
+errors (bad config, port in use, unreadable TLS key), 1 if the pipeline fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from core import counters
+from core.errors import ConfigError
+from pipeline.arguments import apply_overrides, parse_args
+from pipeline.config import Config, load_config, resolve_config_path
+
+log = logging.getLogger("dnstap_receiver")
+
+SHUTDOWN_DEADLINE = 30.0  # seconds after the first signal before a forced exit
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def _setup_logging(config: Config) -> None:
+    handler: logging.Handler
+    if config.trace.file:
+        handler = logging.FileHandler(config.trace.file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if config.trace.verbose else logging.INFO)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+def _import_beam_quietly() -> None:
+    # Importing Beam logs warnings about optional cloud client libraries on the root logger.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        import apache_beam  # noqa: F401
+    finally:
+        root.setLevel(level)
+
+
+def _format_counters() -> str:
+    parts = []
+    for group, values in counters.snapshot().items():
+        shown = ", ".join(
+            f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in values.items()
+            if v and not isinstance(v, dict)
+        )
+        parts.append(f"{group}: {shown or 'nothing yet'}")
+    return "; ".join(parts)
+
+
+class _CounterLogger(threading.Thread):
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="counter-log", daemon=True)
+        self.interval = interval
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            log.info("counters %s", _format_counters())
+
+
+def _install_signal_handlers(hub) -> None:
+    state = {"signalled": False}
+
+    def force_exit() -> None:
+        log.error("shutdown did not finish within %.0f s; exiting", SHUTDOWN_DEADLINE)
+        os._exit(1)
+
+    def on_signal(signum, _frame) -> None:
+        if state["signalled"]:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        state["signalled"] = True
+        log.info("%s received: stopping inputs and draining the pipeline", signal.Signals(signum).name)
+        timer = threading.Timer(SHUTDOWN_DEADLINE, force_exit)
+        timer.daemon = True
+        timer.start()
+        hub.shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = apply_overrides(load_config(args.c, require_input=False), args)
+    except ConfigError as exc:
+        print(f"dnstap_receiver: error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config)
+    if args.replay:
+        log.error("--replay is not available yet in this release")
+        return 2
+    source = resolve_config_path(args.c)
+    log.info("config: %s", source or "built-in defaults")
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+
+    _import_beam_quietly()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.build import build_live_pipeline, hub_spec
+    from sources.listener import get_hub
+
+    try:
+        options = PipelineOptions(beam_args)
+        spec = hub_spec(config)
+        pipeline = build_live_pipeline(config, options, spec)
+        hub = get_hub(spec)
+    except (ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    counters.register("input", hub.stats.snapshot)
+    _install_signal_handlers(hub)
+    summary = None
+    if config.trace.log_interval > 0:
+        summary = _CounterLogger(config.trace.log_interval)
+        summary.start()
+    log.info("receiver started")
+    try:
+        pipeline.run().wait_until_finish()
+    except Exception:
+        log.exception("pipeline failed")
+        hub.shutdown()
+        return 1
+    finally:
+        if summary is not None:
+            summary.stop.set()
+    log.info("stopped; counters %s", _format_counters())
+    return 0

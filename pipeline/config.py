@@ -1,0 +1,748 @@
+"""Receiver configuration: typed, frozen defaults, YAML loading and validation.
+
+The YAML keys and layout are dnstap-receiver 4.7.0's (see ``dnstap.conf``
+next to this module, the commented default file shipped as package data).
+Field names are the YAML keys with ``-`` replaced by ``_``.
+
+The dataclass defaults below are the single source of the default values;
+``dnstap.conf`` documents them and a test checks both agree. Sections that
+this release does not use yet (web-api, geoip, statistics, filter, the
+sniffer and tcp-client inputs, all outputs but stdout and file) are kept as
+plain dicts with 4.7.0's keys.
+
+Entry points:
+
+* :func:`load_config` reads a YAML file (or the default path) and merges it
+  over the defaults;
+* :func:`config_from_dict` does the same for an already parsed mapping;
+* :func:`config_to_dict` is the inverse (YAML keys, plain values).
+
+Every problem raises :class:`core.errors.ConfigError` with one message naming
+the full dotted key, e.g. ``output.file.format: expected one of text, json,
+yaml, got 'xml'``. Settings that are accepted but not applied yet end up in
+``Config.warnings`` for the caller to log.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from core.errors import ConfigError
+from core.formats import FORMATS
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "SHIPPED_CONFIG",
+    "Config",
+    "FileOutput",
+    "InputOptions",
+    "OutputOptions",
+    "StdoutOutput",
+    "TcpSocketInput",
+    "TraceOptions",
+    "UnixSocketInput",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_size",
+    "resolve_config_path",
+]
+
+DEFAULT_CONFIG_PATH = "/etc/dnstap_receiver/dnstap.conf"
+"""Read by :func:`load_config` when no path is given and the file exists."""
+
+SHIPPED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dnstap.conf")
+"""The commented default configuration shipped with the package."""
+
+OUTPUT_FORMATS: tuple[str, ...] = tuple(FORMATS)  # text, json, yaml
+
+# --------------------------------------------------------------------------
+# Defaults of the sections kept as plain dicts (4.7.0 keys, as they are).
+# --------------------------------------------------------------------------
+
+_WEB_API = {
+    "enable": False,  # 4.7.0 ships true; the HTTP API comes in a later release
+    "api-key": "changeme",
+    "login": "admin",
+    "password": "changeme",
+    "local-address": "0.0.0.0",
+    "local-port": 8080,
+}
+_GEOIP = {"enable": False, "city-database": None, "country-iso": False}
+_STATISTICS = {
+    "qname-lowercase": True,
+    "max-items": 10,
+    "default-counters": [
+        "clients",
+        "domains",
+        "query",
+        "response",
+        "qps",
+        "response/noerror",
+        "response/nxdomain",
+    ],
+    "default-top": ["noerror/query", "nxdomain/response"],
+}
+_SNIFFER = {
+    "enable": False,
+    "eth-name": None,
+    "eth-ip": [],
+    "dnstap-identity": "sniffer",
+    "dns-port": [53],
+    "client-query-support": True,
+    "client-response-support": True,
+    "resolver-query-support": True,
+    "resolver-response-support": True,
+    "forwarder-query-support": True,
+    "forwarder-response-support": True,
+}
+_TCP_CLIENT = {"enable": False, "retry": 1, "remote-address": None, "remote-port": None}
+_FILTER = {"qname-regex": None, "dnstap-identities": None}
+_METRICS = {
+    "enable": False,
+    "interval": 300,
+    "cumulative": True,
+    "file": None,
+    "file-max-size": "10M",
+    "file-count": 10,
+}
+_OUT_TCP_SOCKET = {
+    "enable": False,
+    "format": "text",
+    "delimiter": "\n",
+    "retry": 5,
+    "remote-address": None,
+    "remote-port": None,
+}
+_SYSLOG = {
+    "enable": False,
+    "transport": "udp",
+    "format": "text",
+    "retry": 5,
+    "remote-address": None,
+    "remote-port": None,
+}
+_OUT_DNSTAP = {
+    "enable": False,
+    "retry": 1,
+    "remote-address": None,
+    "remote-port": None,
+    "dnstap-identity": "dnstap-receiver",
+}
+_KAFKA = {
+    "enable": False,
+    "format": "json",
+    "rdkafka-config": {
+        "bootstrap.servers": None,
+        "security.protocol": None,
+        "sasl.mechanism": None,
+        "sasl.username": None,
+        "sasl.password": None,
+    },
+    "topic": None,
+}
+_RABBITMQ = {
+    "enable": False,
+    "format": "json",
+    "connection": {"username": None, "password": None, "host": "127.0.0.1", "port": 5672},
+    "queue": {
+        "queue": None,
+        "passive": False,
+        "durable": True,
+        "exclusive": False,
+        "auto_delete": False,
+    },
+    "exchange": "",
+    "routing-key": None,
+    "retry-count": 2,
+    "retry-delay": 0.5,
+}
+_PGSQL = {
+    "enable": False,
+    "retry": 1,
+    "dsn": "postgres://postgres@localhost:5432/postgres",
+    "passfile": "~/.pgpass",
+    "min_size": 5,
+    "max_size": 10,
+    "busy_wait": 1.0,
+    "timeout": 60,
+    "userfuncfile": None,
+}
+_ELASTICSEARCH = {"enable": False, "url": None}
+
+# Mappings whose keys are free-form (passed to a third-party library as is).
+_FREE_FORM = frozenset({"output.kafka.rdkafka-config"})
+
+
+def _dict_default(value: dict) -> Any:
+    return field(default_factory=lambda: copy.deepcopy(value))
+
+
+# --------------------------------------------------------------------------
+# Typed sections
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """``trace``: logging of the receiver itself."""
+
+    verbose: bool = False
+    file: str | None = None
+    log_interval: float = 60.0  # seconds between counter summaries; 0 disables
+
+
+@dataclass(frozen=True)
+class TcpSocketInput:
+    """``input.tcp-socket``: Frame Streams over TCP (optionally TLS)."""
+
+    enable: bool = True
+    local_address: tuple[str, ...] = ("0.0.0.0",)
+    local_port: int = 6000
+    access_control_list: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+    tls_support: bool = False
+    tls_server_cert: str | None = None
+    tls_server_key: str | None = None
+
+
+@dataclass(frozen=True)
+class UnixSocketInput:
+    """``input.unix-socket``: Frame Streams over a unix socket."""
+
+    enable: bool = False
+    path: str | None = None
+    mode: int = 0o660
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """``input``."""
+
+    tcp_socket: TcpSocketInput = field(default_factory=TcpSocketInput)
+    unix_socket: UnixSocketInput = field(default_factory=UnixSocketInput)
+    max_frame_size: int = 1048576
+    batch_size: int = 512
+    queue_size: int = 64
+    sniffer: dict = _dict_default(_SNIFFER)
+    tcp_client: dict = _dict_default(_TCP_CLIENT)
+
+
+@dataclass(frozen=True)
+class StdoutOutput:
+    """``output.stdout``."""
+
+    enable: bool = True
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class FileOutput:
+    """``output.file``: size-rotated log file."""
+
+    enable: bool = False
+    format: str = "text"
+    file: str | None = "/var/log/dnstap.log"
+    file_max_size: int = 10485760
+    file_count: int = 10
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """``output``."""
+
+    stdout: StdoutOutput = field(default_factory=StdoutOutput)
+    file: FileOutput = field(default_factory=FileOutput)
+    metrics: dict = _dict_default(_METRICS)
+    tcp_socket: dict = _dict_default(_OUT_TCP_SOCKET)
+    syslog: dict = _dict_default(_SYSLOG)
+    dnstap: dict = _dict_default(_OUT_DNSTAP)
+    kafka: dict = _dict_default(_KAFKA)
+    rabbitmq: dict = _dict_default(_RABBITMQ)
+    pgsql: dict = _dict_default(_PGSQL)
+    elasticsearch: dict = _dict_default(_ELASTICSEARCH)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. ``Config()`` is the built-in default.
+
+    ``warnings`` lists settings that are accepted but not applied by this
+    release (web-api, geoip, filter); the CLI logs them. It is derived data
+    and does not take part in equality.
+    """
+
+    trace: TraceOptions = field(default_factory=TraceOptions)
+    web_api: dict = _dict_default(_WEB_API)
+    geoip: dict = _dict_default(_GEOIP)
+    statistics: dict = _dict_default(_STATISTICS)
+    input: InputOptions = field(default_factory=InputOptions)
+    filter: dict = _dict_default(_FILTER)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+# Dict-valued inputs/outputs that exist in 4.7.0 but are not implemented here.
+_UNSUPPORTED_INPUTS = ("sniffer", "tcp-client")
+_UNSUPPORTED_OUTPUTS = (
+    "metrics",
+    "tcp-socket",
+    "syslog",
+    "dnstap",
+    "kafka",
+    "rabbitmq",
+    "pgsql",
+    "elasticsearch",
+)
+
+# --------------------------------------------------------------------------
+# Value helpers
+# --------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return repr(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """``"10M"``, ``"512K"``, ``"1G"``, ``"10MB"``, ``"10MiB"`` or an int of
+    bytes -> bytes. Units are binary (1K = 1024), as in 4.7.0; must be > 0."""
+    if _is_int(value):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value.strip())):
+        unit = m.group(2).lower() if m.group(2) else None
+        size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    else:
+        raise ConfigError(
+            f"{key}: expected a size such as 512K, 10M, 1G or a number of bytes, got {_show(value)}"
+        )
+    if size <= 0:
+        raise ConfigError(f"{key}: expected a size greater than 0, got {_show(value)}")
+    return size
+
+
+def _parse_mode(value: Any, key: str) -> int:
+    if _is_int(value):
+        mode = value
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        text = text[2:] if text.startswith("0o") else text
+        try:
+            mode = int(text, 8)
+        except ValueError:
+            mode = -1
+    else:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(
+            f'{key}: expected octal permissions between "0000" and "0777" such as "0660", '
+            f"got {_show(value)}"
+        )
+    return mode
+
+
+def _normalize_address(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        raise ConfigError(f"{key}: expected an IP address or host name, got {_show(value)}")
+    address = value.strip()
+    # 4.7.0's comments suggest "[::]" for IPv6; sockets want the bare form.
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    return address
+
+
+def _dirname_exists(path: str) -> bool:
+    return os.path.isdir(os.path.dirname(os.path.abspath(path)))
+
+
+class _Section:
+    """Reads and validates the keys of one merged mapping, naming ``prefix.key``."""
+
+    def __init__(self, data: Mapping, prefix: str) -> None:
+        self.data = data
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def bool(self, name: str) -> bool:
+        value = self.data[name]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
+        return value
+
+    def int(self, name: str, low: int, high: int | None = None) -> int:
+        value = self.data[name]
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{self.key(name)}: expected an integer {bound}, got {_show(value)}")
+        return value
+
+    def number(self, name: str, low: float) -> float:
+        value = self.data[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{self.key(name)}: expected a number >= {low:g}, got {_show(value)}")
+        return float(value)
+
+    def opt_str(self, name: str) -> str | None:
+        value = self.data[name]
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{self.key(name)}: expected a string or null, got {_show(value)}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.data[name]
+        if value not in choices or not isinstance(value, str):
+            raise ConfigError(
+                f"{self.key(name)}: expected one of {', '.join(choices)}, got {_show(value)}"
+            )
+        return value
+
+    def size(self, name: str) -> int:
+        return parse_size(self.data[name], self.key(name))
+
+    def str_list(self, name: str) -> list:
+        """A string or a list of strings -> non-empty list."""
+        value = self.data[name]
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise ConfigError(
+                f"{self.key(name)}: expected a string or a non-empty list of strings, got {_show(value)}"
+            )
+        return items
+
+    def regex(self, name: str) -> str | None:
+        value = self.data[name]
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"{self.key(name)}: expected a regular expression string or null, got {_show(value)}"
+            )
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigError(
+                f"{self.key(name)}: invalid regular expression {value!r}: {exc}"
+            ) from None
+        return value
+
+
+# --------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------
+
+
+def _unknown_key(key: Any, known: Mapping, dotted: str) -> ConfigError:
+    message = f"{dotted}: unknown key"
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, [k for k in known if isinstance(k, str)], n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+    return ConfigError(message)
+
+
+def _merge(defaults: Mapping, user: Mapping, prefix: str) -> dict:
+    """Deep-merge ``user`` over ``defaults``; refuse unknown keys and
+    non-mappings where the default is a mapping."""
+    merged = copy.deepcopy(dict(defaults))
+    free_form = prefix in _FREE_FORM
+    for key, value in user.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in defaults:
+            if not free_form:
+                raise _unknown_key(key, defaults, dotted)
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(defaults[key], Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted}: expected a mapping, got {_show(value)}")
+            merged[key] = _merge(defaults[key], value, dotted)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# --------------------------------------------------------------------------
+# Building the typed config
+# --------------------------------------------------------------------------
+
+
+def _trace(data: Mapping) -> TraceOptions:
+    s = _Section(data, "trace")
+    file = s.opt_str("file")
+    if file is not None and not _dirname_exists(file):
+        raise ConfigError(f"trace.file: directory does not exist: {os.path.dirname(file) or '.'}")
+    return TraceOptions(
+        verbose=s.bool("verbose"),
+        file=file,
+        log_interval=s.number("log-interval", 0),
+    )
+
+
+def _tcp_socket(data: Mapping) -> TcpSocketInput:
+    s = _Section(data, "input.tcp-socket")
+    enable = s.bool("enable")
+    addresses: list[str] = []
+    for item in s.str_list("local-address"):
+        address = _normalize_address(item, s.key("local-address"))
+        if address not in addresses:
+            addresses.append(address)
+    port = s.int("local-port", 1, 65535)
+    networks: list[str] = []
+    for item in s.str_list("access-control-list"):
+        try:
+            if not isinstance(item, str):
+                raise ValueError
+            network = str(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{s.key('access-control-list')}: expected a network in CIDR notation "
+                f"such as 10.0.0.0/8, got {_show(item)}"
+            ) from None
+        if network not in networks:
+            networks.append(network)
+    tls = s.bool("tls-support")
+    cert = s.opt_str("tls-server-cert")
+    key = s.opt_str("tls-server-key")
+    if tls:
+        for name, path in (("tls-server-cert", cert), ("tls-server-key", key)):
+            if path is None:
+                raise ConfigError(
+                    f"{s.key(name)}: required when input.tcp-socket.tls-support is true"
+                )
+            if not os.path.isfile(path):
+                raise ConfigError(f"{s.key(name)}: file not found: {path}")
+    return TcpSocketInput(
+        enable=enable,
+        local_address=tuple(addresses),
+        local_port=port,
+        access_control_list=tuple(networks),
+        tls_support=tls,
+        tls_server_cert=cert,
+        tls_server_key=key,
+    )
+
+
+def _unix_socket(data: Mapping) -> UnixSocketInput:
+    s = _Section(data, "input.unix-socket")
+    enable = s.bool("enable")
+    path = s.opt_str("path")
+    mode = _parse_mode(data["mode"], s.key("mode"))
+    if enable:
+        if path is None:
+            raise ConfigError(f"{s.key('path')}: required when input.unix-socket.enable is true")
+        if not _dirname_exists(path):
+            raise ConfigError(
+                f"{s.key('path')}: directory does not exist: {os.path.dirname(path) or '.'}"
+            )
+    return UnixSocketInput(enable=enable, path=path, mode=mode)
+
+
+def _unsupported(data: Mapping, prefix: str) -> dict:
+    if _Section(data, prefix).bool("enable"):
+        raise ConfigError(f"{prefix}: not supported yet by this receiver")
+    return dict(data)
+
+
+def _input(data: Mapping) -> InputOptions:
+    s = _Section(data, "input")
+    max_frame_size = s.size("max-frame-size")
+    if max_frame_size > 0xFFFFFFFF:
+        raise ConfigError(
+            f"input.max-frame-size: expected at most 4G (Frame Streams lengths are 32-bit), "
+            f"got {_show(data['max-frame-size'])}"
+        )
+    return InputOptions(
+        tcp_socket=_tcp_socket(data["tcp-socket"]),
+        unix_socket=_unix_socket(data["unix-socket"]),
+        max_frame_size=max_frame_size,
+        batch_size=s.int("batch-size", 1),
+        queue_size=s.int("queue-size", 1),
+        sniffer=_unsupported(data["sniffer"], "input.sniffer"),
+        tcp_client=_unsupported(data["tcp-client"], "input.tcp-client"),
+    )
+
+
+def _output(data: Mapping) -> OutputOptions:
+    s = _Section(data["stdout"], "output.stdout")
+    stdout = StdoutOutput(enable=s.bool("enable"), format=s.choice("format", OUTPUT_FORMATS))
+    s = _Section(data["file"], "output.file")
+    enable = s.bool("enable")
+    fmt = s.choice("format", OUTPUT_FORMATS)
+    path = s.opt_str("file")
+    max_size = s.size("file-max-size")
+    count = s.int("file-count", 1)
+    if enable:
+        if path is None:
+            raise ConfigError("output.file.file: required when output.file.enable is true")
+        if not _dirname_exists(path):
+            raise ConfigError(
+                f"output.file.file: directory does not exist: {os.path.dirname(path) or '.'}"
+            )
+    file = FileOutput(enable=enable, format=fmt, file=path, file_max_size=max_size, file_count=count)
+    others = {
+        name.replace("-", "_"): _unsupported(data[name], f"output.{name}")
+        for name in _UNSUPPORTED_OUTPUTS
+    }
+    return OutputOptions(stdout=stdout, file=file, **others)
+
+
+def _check_input_enabled(config: Config) -> None:
+    if not (config.input.tcp_socket.enable or config.input.unix_socket.enable):
+        raise ConfigError(
+            "input: no input enabled; enable input.tcp-socket or input.unix-socket"
+        )
+
+
+def config_from_dict(data: Mapping | None, *, require_input: bool = True) -> Config:
+    """Merge ``data`` (YAML keys, possibly partial) over the defaults, validate
+    and return the typed :class:`Config`.
+
+    ``require_input=False`` skips the "at least one input enabled" check, for
+    callers that enable an input afterwards (``-u``) or read captures instead.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections at top level, got {_show(data)}")
+    merged = _merge(config_to_dict(Config()), data, "")
+
+    warnings: list[str] = []
+    web_api = dict(merged["web-api"])
+    if _Section(web_api, "web-api").bool("enable"):
+        warnings.append("web-api.enable: the HTTP API is not available in this release; ignored")
+    geoip = dict(merged["geoip"])
+    if _Section(geoip, "geoip").bool("enable"):
+        warnings.append("geoip.enable: GeoIP enrichment is not applied yet by this receiver; ignored")
+    filters = dict(merged["filter"])
+    fs = _Section(filters, "filter")
+    for name in ("qname-regex", "dnstap-identities"):
+        if fs.regex(name) is not None:
+            warnings.append(
+                f"filter.{name}: filtering is not applied yet by this receiver; all messages are kept"
+            )
+
+    config = Config(
+        trace=_trace(merged["trace"]),
+        web_api=web_api,
+        geoip=geoip,
+        statistics=dict(merged["statistics"]),
+        input=_input(merged["input"]),
+        filter=filters,
+        output=_output(merged["output"]),
+        warnings=tuple(warnings),
+    )
+    if require_input:
+        _check_input_enabled(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    """The config as a YAML-keyed mapping of plain values; round-trips
+    through :func:`config_from_dict`. ``warnings`` is left out."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {
+                f.name.replace("_", "-"): convert(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if f.name != "warnings"
+            }
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        return copy.deepcopy(value)
+
+    out = convert(config)
+    out["input"]["unix-socket"]["mode"] = f"{config.input.unix_socket.mode:04o}"
+    return out
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys in a mapping."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                )
+            seen.add(key_node.value)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def resolve_config_path(path: str | None) -> str | None:
+    """The file :func:`load_config` reads: ``path`` if given, else
+    :data:`DEFAULT_CONFIG_PATH` if it exists, else ``None`` (built-in defaults)."""
+    if path is not None:
+        return path
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
+
+
+def load_config(path: str | None, *, require_input: bool = True) -> Config:
+    """Load ``path`` merged over the defaults.
+
+    ``None`` means :data:`DEFAULT_CONFIG_PATH` if it exists, else the built-in
+    defaults (as 4.7.0 does). An empty file is the defaults. See
+    :func:`config_from_dict` for ``require_input``.
+    """
+    resolved = resolve_config_path(path)
+    data = _read_yaml(resolved) if resolved is not None else {}
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{resolved}: expected a mapping of sections at top level, got {_show(data)}"
+        )
+    return config_from_dict(data, require_input=require_input)

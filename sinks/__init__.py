@@ -1,0 +1,1 @@
+"""Outputs: Beam sinks (WriteToX) over batches of decoded records."""

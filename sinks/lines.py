@@ -1,0 +1,78 @@
+"""Shared machinery of the line-oriented sinks (stdout, file)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from core import counters
+from core.formats import get_formatter
+
+log = logging.getLogger("dnstap_receiver.output")
+
+_ERROR_LOG_EVERY = 10.0
+
+
+class LineWriterFn(beam.DoFn):
+    """Formats each batch of records and hands the lines to a writer with
+    ``write_lines(lines)``, ``flush()`` and a lock; flushes at every bundle end.
+
+    A failing write (disk full, closed pipe) is logged and its lines counted as
+    dropped; it never stops the receiver.
+    """
+
+    NAME = "lines"
+
+    def __init__(self, fmt: str) -> None:
+        get_formatter(fmt)  # validate at construction time
+        self._fmt = fmt
+
+    def open_writer(self):
+        raise NotImplementedError
+
+    def close_writer(self, writer) -> None:
+        pass
+
+    def setup(self) -> None:
+        self._format = get_formatter(self._fmt)
+        self._writer = self.open_writer()
+        self._stats = counters.counter_group(f"output.{self.NAME}")
+        self._lines = Metrics.counter("dnstap_receiver", f"output_{self.NAME}_lines")
+        self._next_error_log = 0.0
+
+    def process(self, records):
+        fmt = self._format
+        lines = [fmt(rec) for rec in records]
+        writer = self._writer
+        try:
+            with writer.lock:
+                self._stats["bytes"] += writer.write_lines(lines)
+        except (OSError, ValueError) as exc:
+            self._stats["dropped"] += len(lines)
+            self._log_error(exc, len(lines))
+            return
+        self._stats["lines"] += len(lines)
+        self._lines.inc(len(lines))
+
+    def finish_bundle(self) -> None:
+        try:
+            with self._writer.lock:
+                self._writer.flush()
+        except (OSError, ValueError) as exc:
+            self._log_error(exc, 0)
+
+    def teardown(self) -> None:
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            self.finish_bundle()
+            self.close_writer(writer)
+            self._writer = None
+
+    def _log_error(self, exc: Exception, lost: int) -> None:
+        now = time.monotonic()
+        if now >= self._next_error_log:
+            self._next_error_log = now + _ERROR_LOG_EVERY
+            log.error("output %s: write failed (%s); %d lines dropped", self.NAME, exc, lost)

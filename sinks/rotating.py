@@ -1,0 +1,104 @@
+"""A size-rotated output file shared by every writer of the same path in the process.
+
+Rotation follows logging.handlers.RotatingFileHandler's naming (``FILE`` is
+the current file, ``FILE.1`` the newest backup, up to ``FILE.<count>``), but
+only ever happens between two whole lines, so no line is split or lost.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+__all__ = ["RotatingFile", "open_shared"]
+
+_BUFFER = 1 << 20
+
+
+class RotatingFile:
+    def __init__(self, path: str, max_size: int = 0, count: int = 10, delimiter: bytes = b"\n") -> None:
+        if max_size > 0 and count < 1:
+            raise ValueError("file-count must be at least 1 when file-max-size is set")
+        self.path = path
+        self.max_size = max_size
+        self.count = count
+        self.delimiter = delimiter
+        self.rotations = 0
+        self.lock = threading.Lock()
+        self._file = open(path, "ab", buffering=_BUFFER)
+        self._size = self._file.tell()
+        self._users = 0
+
+    def write_lines(self, lines: list[bytes]) -> int:
+        """Write each line followed by the delimiter; returns bytes written."""
+        delim = self.delimiter
+        if not self.max_size:
+            data = delim.join(lines) + delim
+            self._file.write(data)
+            self._size += len(data)
+            return len(data)
+        written = 0
+        start = 0
+        size = self._size
+        extra = len(delim)
+        for i, line in enumerate(lines):
+            step = len(line) + extra
+            if size + step > self.max_size and size > 0:
+                if i > start:
+                    written += self._write(lines[start:i])
+                self._rotate()
+                start = i
+                size = 0
+            size += step
+        if start < len(lines):
+            written += self._write(lines[start:])
+        return written
+
+    def _write(self, lines: list[bytes]) -> int:
+        data = self.delimiter.join(lines) + self.delimiter
+        self._file.write(data)
+        self._size += len(data)
+        return len(data)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for i in range(self.count - 1, 0, -1):
+            src = f"{self.path}.{i}"
+            if os.path.exists(src):
+                os.replace(src, f"{self.path}.{i + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self._file = open(self.path, "ab", buffering=_BUFFER)
+        self._size = 0
+        self.rotations += 1
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+_OPEN: dict[str, RotatingFile] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_shared(path: str, max_size: int, count: int) -> RotatingFile:
+    """The process's writer for ``path``: DoFn instances come and go (and may
+    overlap) on a runner, but one file must have one size count and one rotation."""
+    key = os.path.abspath(path)
+    with _OPEN_LOCK:
+        rf = _OPEN.get(key)
+        if rf is None or rf._file.closed:
+            rf = _OPEN[key] = RotatingFile(path, max_size, count)
+        rf._users += 1
+        return rf
+
+
+def release_shared(rf: RotatingFile) -> None:
+    with _OPEN_LOCK:
+        rf._users -= 1
+        if rf._users <= 0:
+            with rf.lock:
+                rf.close()
+            _OPEN.pop(os.path.abspath(rf.path), None)

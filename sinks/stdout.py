@@ -1,0 +1,40 @@
+"""WriteToStdout: records as text/json/yaml lines on standard output."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import apache_beam as beam
+
+from sinks.lines import LineWriterFn
+
+__all__ = ["WriteToStdout"]
+
+
+class _StdoutWriter:
+    lock = threading.Lock()
+
+    def write_lines(self, lines: list[bytes]) -> int:
+        data = b"\n".join(lines) + b"\n"
+        sys.stdout.buffer.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        sys.stdout.buffer.flush()
+
+
+class _WriteStdoutFn(LineWriterFn):
+    NAME = "stdout"
+
+    def open_writer(self):
+        return _StdoutWriter()
+
+
+class WriteToStdout(beam.PTransform):
+    def __init__(self, *, format: str = "text") -> None:
+        super().__init__()
+        self._fn = _WriteStdoutFn(format)
+
+    def expand(self, batches):
+        return batches | "Write" >> beam.ParDo(self._fn)

@@ -1,0 +1,1 @@
+"""Inputs: custom unbounded Beam sources over Frame Streams sockets."""

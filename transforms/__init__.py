@@ -1,0 +1,1 @@
+"""Composable PTransforms over batches of decoded dnstap records."""

@@ -1,0 +1,81 @@
+"""DecodeDnstap: batches of raw dnstap frames -> batches of records."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from core import counters
+from core.message import UndecodableMessage, decode
+
+__all__ = ["DecodeDnstap", "decode_batch"]
+
+log = logging.getLogger("dnstap_receiver.decode")
+
+STATS = counters.counter_group("decode")
+_LOG_EVERY = 10.0  # seconds between two log lines about undecodable frames
+
+
+class _RateLimitedLog:
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._suppressed = 0
+
+    def __call__(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" ({self._suppressed} similar messages suppressed)"
+        self._suppressed = 0
+        self._next = now + _LOG_EVERY
+        log.warning(msg, *args)
+
+
+_warn = _RateLimitedLog()
+
+
+def decode_batch(frames: list[bytes]) -> list:
+    """Decode every frame; undecodable ones are counted, logged and skipped."""
+    records = []
+    append = records.append
+    malformed = 0
+    for frame in frames:
+        try:
+            rec = decode(frame)
+        except UndecodableMessage as exc:
+            STATS["undecodable"] += 1
+            _warn("skipping a frame of %d bytes: %s", len(frame), exc)
+            continue
+        if rec["malformed"]:
+            malformed += 1
+        append(rec)
+    STATS["decoded"] += len(records)
+    if malformed:
+        STATS["malformed"] += malformed
+    return records
+
+
+class _DecodeFn(beam.DoFn):
+    def setup(self) -> None:
+        self._decoded = Metrics.counter("dnstap_receiver", "decoded")
+        self._skipped = Metrics.counter("dnstap_receiver", "undecodable")
+
+    def process(self, frames):
+        records = decode_batch(frames)
+        self._decoded.inc(len(records))
+        if len(records) != len(frames):
+            self._skipped.inc(len(frames) - len(records))
+        if records:
+            yield records
+
+
+class DecodeDnstap(beam.PTransform):
+    """Batches of dnstap protobuf frames in, batches of DnstapRecord out."""
+
+    def expand(self, frames):
+        return frames | "Decode" >> beam.ParDo(_DecodeFn())
