@@ -111,6 +111,9 @@ def _wire_name(raw: bytes) -> str:
 def _policy(msg) -> dict:
     pol = msg.policy
     match = pol.match if pol.HasField("match") else None
+    ptype = pol.type if pol.HasField("type") else None
+    if isinstance(ptype, bytes):  # a string field that is not UTF-8 comes back as bytes
+        ptype = _text(ptype)
     value = None
     if pol.HasField("value"):
         raw = pol.value
@@ -121,7 +124,7 @@ def _policy(msg) -> dict:
         else:
             value = _text(raw)
     return {
-        "type": pol.type if pol.HasField("type") else None,
+        "type": ptype,
         "rule": _wire_name(pol.rule) if pol.HasField("rule") else None,
         "action": POLICY_ACTIONS.get(pol.action) if pol.HasField("action") else None,
         "match": POLICY_MATCHES.get(match) if match is not None else None,
@@ -140,9 +143,14 @@ class _IsoSeconds:
         self.text = ""
 
     def __call__(self, sec: int, nsec: int) -> str:
+        if nsec >= 1_000_000_000:  # out of range: carry it, as the timestamp does
+            sec, nsec = sec + nsec // 1_000_000_000, nsec % 1_000_000_000
         if sec != self.sec:
-            self.sec = sec
-            self.text = datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            try:
+                text = datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            except (OverflowError, OSError, ValueError):  # past year 9999
+                return UNKNOWN
+            self.sec, self.text = sec, text
         return f"{self.text}.{nsec // 1000:06d}+00:00"
 
 
