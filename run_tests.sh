@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The one test command, for a fresh machine as for a developer's:
+#
+#   ./run_tests.sh [pytest arguments...]
+#
+# 1. As root, installs the real DNS peers the integration tests run against (Debian
+#    packages), when any of their programs is missing; /usr/sbin/policy-rc.d (exit 101)
+#    stays in place during the install so that no DNS daemon starts.
+# 2. Creates .venv (Python 3.11) if missing and installs requirements.txt into it, again
+#    only when requirements.txt changed since the last install (hash in .venv).
+# 3. Runs .venv/bin/python -m pytest "$@"; the exit code is pytest's.
+#
+# Without root the peers are not installed: integration tests whose programs are missing
+# are skipped, or fail when DNSTAP_REQUIRE_PEERS=1 (as in CI).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { echo "run_tests.sh: $*" >&2; }
+
+PEER_PROGRAMS=(unbound fstrm_replay fstrm_capture dnstap-ldns dnstap dnsperf dig)
+PEER_PACKAGES=(unbound fstrm-bin dnstap-ldns golang-github-dnstap-golang-dnstap-cli dnsperf bind9-dnsutils)
+SBIN_PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+have() { PATH="$SBIN_PATH" command -v "$1" >/dev/null 2>&1; }
+
+pick_python() {
+    local py
+    for py in ${PYTHON:-} python3.11 python3; do
+        if command -v "$py" >/dev/null 2>&1; then echo "$py"; return 0; fi
+    done
+    return 1
+}
+
+# --- 1. system packages (root only) -------------------------------------------------
+apt_packages=()
+for prog in "${PEER_PROGRAMS[@]}"; do
+    if ! have "$prog"; then apt_packages=("${PEER_PACKAGES[@]}"); break; fi
+done
+if [ ! -x .venv/bin/python ]; then
+    py="$(pick_python || true)"
+    if [ -z "$py" ]; then
+        apt_packages+=(python3 python3-venv)
+    elif ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        apt_packages+=(python3-venv)
+    fi
+fi
+
+if [ "${#apt_packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        created_policy=0
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\n# installed by run_tests.sh: start no daemon on package install\nexit 101\n' \
+                > /usr/sbin/policy-rc.d
+            chmod 755 /usr/sbin/policy-rc.d
+            created_policy=1
+        fi
+        remove_policy() { if [ "$created_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi; }
+        trap remove_policy EXIT
+        log "installing ${apt_packages[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            "${apt_packages[@]}" >/dev/null
+        remove_policy
+        trap - EXIT
+    else
+        log "cannot install ${apt_packages[*]} (needs root and apt-get); integration tests needing them will skip"
+    fi
+fi
+
+# --- 2. virtualenv --------------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+    py="$(pick_python)" || { log "no python3 found"; exit 2; }
+    log "creating .venv with $py"
+    "$py" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    log "installing requirements.txt into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+    echo "$want" > "$stamp"
+fi
+
+# --- 3. tests -------------------------------------------------------------------------
+exec .venv/bin/python -m pytest "$@"
