@@ -21,15 +21,9 @@ PEER_PROGRAMS=(unbound fstrm_replay fstrm_capture dnstap-ldns dnstap dnsperf dig
 PEER_PACKAGES=(unbound fstrm-bin dnstap-ldns golang-github-dnstap-golang-dnstap-cli dnsperf bind9-dnsutils)
 SBIN_PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-have() { PATH="$SBIN_PATH" command -v "$1" >/dev/null 2>&1; }
+. scripts/ensure_venv.sh
 
-pick_python() {
-    local py
-    for py in ${PYTHON:-} python3.11 python3; do
-        if command -v "$py" >/dev/null 2>&1; then echo "$py"; return 0; fi
-    done
-    return 1
-}
+have() { PATH="$SBIN_PATH" command -v "$1" >/dev/null 2>&1; }
 
 # --- 1. system packages (root only) -------------------------------------------------
 apt_packages=()
@@ -68,18 +62,7 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
 fi
 
 # --- 2. virtualenv --------------------------------------------------------------------
-if [ ! -x .venv/bin/python ]; then
-    py="$(pick_python)" || { log "no python3 found"; exit 2; }
-    log "creating .venv with $py"
-    "$py" -m venv .venv
-fi
-stamp=.venv/.requirements.sha256
-want="$(sha256sum requirements.txt | cut -d' ' -f1)"
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-    log "installing requirements.txt into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-    echo "$want" > "$stamp"
-fi
+ensure_venv
 
 # --- 3. tests -------------------------------------------------------------------------
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up .venv from requirements.txt and run the receiver with the default
+# configuration (TCP 0.0.0.0:6000 -> stdout, text), or with your arguments:
+#   ./run_local.sh -c my.conf -v
+set -euo pipefail
+cd "$(dirname "$0")"
+. scripts/ensure_venv.sh
+ensure_venv
+# The `dnstap_receiver` console script, in .venv/bin.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >/dev/null
+exec .venv/bin/python -m pipeline --runner=DirectRunner "$@"
