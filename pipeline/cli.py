@@ -74,8 +74,10 @@ class _CounterLogger(threading.Thread):
             log.info("counters %s", _format_counters())
 
 
-def _install_signal_handlers(hub) -> None:
-    state = {"signalled": False}
+def _install_signal_handlers(state: dict) -> None:
+    """``state["hub"]`` is shut down on the first signal; it may still be None
+    (inputs starting): ``main`` then shuts the hub down once it has it."""
+    state["signalled"] = False
 
     def force_exit() -> None:
         log.error("shutdown did not finish within %.0f s; exiting", SHUTDOWN_DEADLINE)
@@ -90,7 +92,8 @@ def _install_signal_handlers(hub) -> None:
         timer = threading.Timer(SHUTDOWN_DEADLINE, force_exit)
         timer.daemon = True
         timer.start()
-        hub.shutdown()
+        if state["hub"] is not None:
+            state["hub"].shutdown()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.build import build_live_pipeline, hub_spec
     from sources.listener import get_hub
 
+    # Handlers first: from the moment the inputs listen, a signal must drain, not kill.
+    stop = {"hub": None}
+    _install_signal_handlers(stop)
     try:
         options = PipelineOptions(beam_args)
         spec = hub_spec(config)
@@ -126,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    stop["hub"] = hub
+    if stop["signalled"]:  # the signal came while the inputs were starting
+        hub.shutdown()
     counters.register("input", hub.stats.snapshot)
-    _install_signal_handlers(hub)
     summary = None
     if config.trace.log_interval > 0:
         summary = _CounterLogger(config.trace.log_interval)

@@ -31,6 +31,8 @@ class RotatingFile:
 
     def write_lines(self, lines: list[bytes]) -> int:
         """Write each line followed by the delimiter; returns bytes written."""
+        if not lines:
+            return 0  # else the no-rotation path below would write an empty line
         delim = self.delimiter
         if not self.max_size:
             data = delim.join(lines) + delim
@@ -66,7 +68,10 @@ class RotatingFile:
             src = f"{self.path}.{i}"
             if os.path.exists(src):
                 os.replace(src, f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
+        try:
+            os.replace(self.path, f"{self.path}.1")
+        except FileNotFoundError:  # removed behind our back: nothing to keep, go on
+            pass
         self._file = open(self.path, "ab", buffering=_BUFFER)
         self._size = 0
         self.rotations += 1

@@ -16,6 +16,8 @@ class _StdoutWriter:
     lock = threading.Lock()
 
     def write_lines(self, lines: list[bytes]) -> int:
+        if not lines:
+            return 0
         data = b"\n".join(lines) + b"\n"
         sys.stdout.buffer.write(data)
         return len(data)

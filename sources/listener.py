@@ -17,6 +17,7 @@ import collections
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import stat
 import threading
@@ -38,6 +39,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("dnstap_receiver.input")
+
+# Back-pressure is reported once it has added up to BLOCKED_LOG_THRESHOLD
+# seconds, at most every BLOCKED_LOG_EVERY seconds.
+BLOCKED_LOG_THRESHOLD = 1.0
+BLOCKED_LOG_EVERY = 60.0
 
 END = None  # queue sentinel: the hub has shut down and every batch was handed over
 
@@ -160,6 +166,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self.session = ReaderSession(max_frame_size=hub.spec.max_frame_size)
         self.frames = 0
+        self.received = 0
         self.failed = False
 
     def connection_made(self, transport) -> None:
@@ -198,6 +205,7 @@ class _Connection(asyncio.Protocol):
             self.frames += got
             hub.stats.frames += got
             hub.stats.bytes += len(data)
+            self.received += len(data)
         if reply:
             self.transport.write(reply)
         if self.session.finished:
@@ -229,7 +237,10 @@ class _Connection(asyncio.Protocol):
                 self.peer,
                 self.session.pending,
             )
-        if not self.session.finished and not self.failed:
+        if not self.received and not self.failed:
+            # Port probes and health checks: nothing to count.
+            log.debug("%s: %s closed without sending anything", self.label, self.peer)
+        elif not self.session.finished and not self.failed:
             hub.stats.closed_without_stop += 1
             log.info("%s: %s closed without STOP after %d frames", self.label, self.peer, self.frames)
 
@@ -253,6 +264,8 @@ class ListenerHub:
         self.connections: set[_Connection] = set()
         self.addresses: list[str] = []
         self._blocked_since = 0.0
+        self._blocked_pending = 0.0  # blocked seconds not reported in a log line yet
+        self._next_blocked_log = 0.0
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -327,12 +340,16 @@ class ListenerHub:
                     log.info("%s input listening on %s", label, where)
         for unix in self.spec.unix:
             _remove_stale_socket(unix.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                server = await loop.create_unix_server(
-                    lambda: _Connection(self, "unix-socket", None), path=unix.path
-                )
+                # Bound but not yet listening: nobody can connect before the mode is set.
+                sock.bind(unix.path)
                 os.chmod(unix.path, unix.mode)
+                server = await loop.create_unix_server(
+                    lambda: _Connection(self, "unix-socket", None), sock=sock
+                )
             except OSError as exc:
+                sock.close()
                 raise ConfigError(f"cannot listen on unix socket {unix.path}: {exc.strerror or exc}") from None
             self._servers.append(server)
             self._unix_paths.append(unix.path)
@@ -383,11 +400,25 @@ class ListenerHub:
         self.batch = []
         self.stats.batches += 1
         self.blocked = False
-        self.stats.blocked_seconds += time.monotonic() - self._blocked_since
+        self._count_blocked()
         if not self._stopping:
             for conn in self.connections:
                 if not conn.transport.is_closing():
                     conn.transport.resume_reading()
+
+    def _count_blocked(self) -> None:
+        now = time.monotonic()
+        self.stats.blocked_seconds += now - self._blocked_since
+        self._blocked_pending += now - self._blocked_since
+        if now >= self._next_blocked_log and self._blocked_pending >= BLOCKED_LOG_THRESHOLD:
+            log.warning(
+                "input: the pipeline fell behind; sockets were not read for %.1f s "
+                "since the last report (%.1f s in total)",
+                self._blocked_pending,
+                self.stats.blocked_seconds,
+            )
+            self._blocked_pending = 0.0
+            self._next_blocked_log = now + BLOCKED_LOG_EVERY
 
     async def _shutdown(self) -> None:
         log.info("input: shutting down, %d open connection(s)", len(self.connections))
@@ -400,6 +431,12 @@ class ListenerHub:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.transport.close()
+        # close() only schedules the socket close (connection_lost); run it before
+        # the loop stops, and abort what close() left waiting (unsent data, TLS).
+        await asyncio.sleep(0)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        await asyncio.sleep(0)
         while self.batch:
             if self.queue.try_put(self.batch):
                 self.batch = []
@@ -408,7 +445,7 @@ class ListenerHub:
                 await asyncio.sleep(0.005)
         if self.blocked:
             self.blocked = False
-            self.stats.blocked_seconds += time.monotonic() - self._blocked_since
+            self._count_blocked()
         self.queue.put_end()
         self._loop.stop()
 
