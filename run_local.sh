@@ -6,6 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/ensure_venv.sh
 ensure_venv
-# The `dnstap_receiver` console script, in .venv/bin.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >/dev/null
 exec .venv/bin/python -m pipeline --runner=DirectRunner "$@"

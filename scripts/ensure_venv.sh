@@ -1,6 +1,7 @@
 # Sourced by run_local.sh and run_tests.sh from the repo root: creates .venv if
 # missing and installs requirements.txt into it, only when requirements.txt
-# changed since the last install (its hash is kept in .venv).
+# changed since the last install (its hash is kept in .venv), then the project
+# itself in editable mode, which puts the `dnstap_receiver` command in .venv/bin.
 
 pick_python() {
     local py
@@ -22,6 +23,10 @@ ensure_venv() {
     if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
         echo "installing requirements.txt into .venv" >&2
         .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+        # setuptools warns about editable installs on every run: show its output only on failure.
+        local out
+        out="$(.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1)" \
+            || { echo "$out" >&2; return 1; }
         echo "$want" > "$stamp"
     fi
 }

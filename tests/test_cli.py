@@ -183,6 +183,15 @@ def test_help():
     assert "Traceback" not in proc.stderr
 
 
+def test_console_script_is_installed():
+    """run_tests.sh / run_local.sh install the project: `dnstap_receiver` is the command users know."""
+    script = Path(sys.executable).parent / "dnstap_receiver"
+    assert script.exists(), "run ./run_tests.sh, which installs the console script"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: dnstap_receiver")
+
+
 # --------------------------------------------------------------------------- signals
 
 
