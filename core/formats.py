@@ -1,7 +1,9 @@
 """Output formats: text (4.7.0's one-line layout), JSON lines and YAML documents.
 
-Each formatter turns one record into bytes without a trailing delimiter; the
-writers join a batch with their delimiter.
+Each :class:`Format` turns one record into bytes without a delimiter
+(``record``), and a whole batch into bytes where every record is followed by
+the delimiter (``batch``). Writers use ``batch``: one allocation per batch
+instead of one per record is what makes JSON output fast (see JsonFormat).
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ import orjson
 
 from core.errors import ConfigError
 
-__all__ = ["FORMATS", "format_json", "format_text", "format_yaml", "get_formatter"]
-
-Formatter = Callable[[dict], bytes]
+__all__ = ["FORMATS", "Format", "format_json", "format_text", "format_yaml", "get_format"]
 
 
 def format_text(rec: dict) -> bytes:
@@ -28,6 +28,9 @@ def format_text(rec: dict) -> bytes:
     )
     if "country" in rec:
         line = f"{line} {rec['country']} {rec['city']}"
+    if "\n" in line or "\r" in line:
+        # An identity with a line break must not forge a second log line.
+        line = line.replace("\r", "\\r").replace("\n", "\\n")
     return line.encode("utf-8", "backslashreplace")
 
 
@@ -71,10 +74,55 @@ def format_yaml(rec: dict) -> bytes:
     return doc
 
 
-FORMATS: dict[str, Formatter] = {"text": format_text, "json": format_json, "yaml": format_yaml}
+class Format:
+    """A named record serialiser; subclasses override ``batch`` where a whole
+    batch can be serialised faster than record by record."""
+
+    def __init__(self, name: str, record: Callable[[dict], bytes]) -> None:
+        self.name = name
+        self.record = record
+
+    def batch(self, records: list, delimiter: bytes = b"\n") -> bytes:
+        if not records:
+            return b""
+        return delimiter.join(map(self.record, records)) + delimiter
 
 
-def get_formatter(name: str) -> Formatter:
+_FIRST_KEY = "timestamp"
+_JSON_START = b'[{"' + _FIRST_KEY.encode() + b'":'
+_JSON_SEP = b'},{"' + _FIRST_KEY.encode() + b'":'
+
+
+class JsonFormat(Format):
+    """orjson serialises a list of records about 3x faster than each record
+    on its own, then the list is cut into lines. The cut points are found by
+    ``},{"timestamp":``, which cannot occur inside a JSON string (its quote
+    would be escaped): when every record starts with that key and the pattern
+    occurs exactly between records, it marks exactly the record boundaries.
+    Anything else takes the record-by-record path."""
+
+    def __init__(self) -> None:
+        super().__init__("json", format_json)
+
+    def batch(self, records: list, delimiter: bytes = b"\n") -> bytes:
+        if not records:
+            return b""
+        blob = orjson.dumps(records)
+        if blob.startswith(_JSON_START) and blob.count(_JSON_SEP) == len(records) - 1:
+            first = _FIRST_KEY
+            if all(next(iter(rec)) == first for rec in records):
+                return blob[1:-1].replace(_JSON_SEP, b"}" + delimiter + _JSON_SEP[2:]) + delimiter
+        return super().batch(records, delimiter)
+
+
+FORMATS: dict[str, Format] = {
+    "text": Format("text", format_text),
+    "json": JsonFormat(),
+    "yaml": Format("yaml", format_yaml),
+}
+
+
+def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except KeyError:

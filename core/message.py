@@ -89,7 +89,24 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "backslashreplace")
 
 
+_ADDRESSES: dict[bytes, str] = {}
+_ADDRESS_CACHE_SIZE = 65536
+
+
 def _address(family: int, raw: bytes) -> str:
+    """Text form of an address, cached: a server sees the same clients (and
+    its own address) over and over."""
+    key = b"\1" + raw if family == 1 and len(raw) == 16 else raw
+    text = _ADDRESSES.get(key)
+    if text is None:
+        text = _address_text(family, raw)
+        if len(_ADDRESSES) >= _ADDRESS_CACHE_SIZE:
+            _ADDRESSES.clear()
+        _ADDRESSES[key] = text
+    return text
+
+
+def _address_text(family: int, raw: bytes) -> str:
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw)
     if len(raw) == 16:

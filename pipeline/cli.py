@@ -7,6 +7,7 @@ errors (bad config, port in use, unreadable TLS key), 1 if the pipeline fails.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.trace.log_interval > 0:
         summary = _CounterLogger(config.trace.log_interval)
         summary.start()
+    # Everything allocated so far (Beam, the graph) lives as long as the process:
+    # keep it out of the collector's full passes, which otherwise rescan it.
+    gc.freeze()
     log.info("receiver started")
     try:
         pipeline.run().wait_until_finish()

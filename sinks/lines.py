@@ -9,7 +9,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from core import counters
-from core.formats import get_formatter
+from core.formats import get_format
 
 log = logging.getLogger("dnstap_receiver.output")
 
@@ -17,8 +17,9 @@ _ERROR_LOG_EVERY = 10.0
 
 
 class LineWriterFn(beam.DoFn):
-    """Formats each batch of records and hands the lines to a writer with
-    ``write_lines(lines)``, ``flush()`` and a lock; flushes at every bundle end.
+    """Formats each batch of records and hands the bytes to a writer with
+    ``write_batch(data, units)``, ``flush()``, a ``delimiter`` and a ``lock``;
+    flushes at every bundle end.
 
     A failing write (disk full, closed pipe) is logged and its lines counted as
     dropped; it never stops the receiver.
@@ -27,7 +28,7 @@ class LineWriterFn(beam.DoFn):
     NAME = "lines"
 
     def __init__(self, fmt: str) -> None:
-        get_formatter(fmt)  # validate at construction time
+        get_format(fmt)  # validate at construction time
         self._fmt = fmt
 
     def open_writer(self):
@@ -37,7 +38,7 @@ class LineWriterFn(beam.DoFn):
         pass
 
     def setup(self) -> None:
-        self._format = get_formatter(self._fmt)
+        self._format = get_format(self._fmt)
         self._writer = self.open_writer()
         self._stats = counters.counter_group(f"output.{self.NAME}")
         self._lines = Metrics.counter("dnstap_receiver", f"output_{self.NAME}_lines")
@@ -45,17 +46,17 @@ class LineWriterFn(beam.DoFn):
 
     def process(self, records):
         fmt = self._format
-        lines = [fmt(rec) for rec in records]
         writer = self._writer
+        data = fmt.batch(records, writer.delimiter)
         try:
             with writer.lock:
-                self._stats["bytes"] += writer.write_lines(lines)
+                self._stats["bytes"] += writer.write_batch(data, lambda: [fmt.record(r) for r in records])
         except (OSError, ValueError) as exc:
-            self._stats["dropped"] += len(lines)
-            self._log_error(exc, len(lines))
+            self._stats["dropped"] += len(records)
+            self._log_error(exc, len(records))
             return
-        self._stats["lines"] += len(lines)
-        self._lines.inc(len(lines))
+        self._stats["lines"] += len(records)
+        self._lines.inc(len(records))
 
     def finish_bundle(self) -> None:
         try:

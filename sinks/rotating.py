@@ -29,6 +29,18 @@ class RotatingFile:
         self._size = self._file.tell()
         self._users = 0
 
+    def write_batch(self, data: bytes, units) -> int:
+        """Write ``data``: whole units (lines, YAML documents), each followed by
+        the delimiter. ``units()`` returns them one by one; it is called only
+        when this batch crosses a rotation, to cut it between two units."""
+        if not data:
+            return 0
+        if not self.max_size or self._size + len(data) <= self.max_size:
+            self._file.write(data)
+            self._size += len(data)
+            return len(data)
+        return self.write_lines(units())
+
     def write_lines(self, lines: list[bytes]) -> int:
         """Write each line followed by the delimiter; returns bytes written."""
         if not lines:

@@ -14,11 +14,9 @@ __all__ = ["WriteToStdout"]
 
 class _StdoutWriter:
     lock = threading.Lock()
+    delimiter = b"\n"
 
-    def write_lines(self, lines: list[bytes]) -> int:
-        if not lines:
-            return 0
-        data = b"\n".join(lines) + b"\n"
+    def write_batch(self, data: bytes, units) -> int:
         sys.stdout.buffer.write(data)
         return len(data)
 

@@ -21,6 +21,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Timestamp
 
 from sources.listener import END, HubSpec, get_hub
+from transforms.batches import FrameBatch
 
 __all__ = ["ReadFromFrameStream"]
 
@@ -96,4 +97,5 @@ class ReadFromFrameStream(beam.PTransform):
         self._spec = spec
 
     def expand(self, pbegin):
-        return pbegin | "Impulse" >> beam.Impulse() | "DrainListeners" >> beam.ParDo(_DrainHubFn(self._spec))
+        drain = beam.ParDo(_DrainHubFn(self._spec)).with_output_types(FrameBatch)
+        return pbegin | "Impulse" >> beam.Impulse() | "DrainListeners" >> drain

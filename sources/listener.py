@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from core.batches import FrameBatch
 from core.errors import ConfigError, FrameStreamError
 from core.framestream import DEFAULT_MAX_FRAME_SIZE, FINISH, ReaderSession, encode_control
 
@@ -259,7 +260,7 @@ class ListenerHub:
         self.spec = spec
         self.stats = ListenerStats()
         self.queue = BatchQueue(spec.queue_size)
-        self.batch: list[bytes] = []
+        self.batch = FrameBatch()
         self.blocked = False
         self.connections: set[_Connection] = set()
         self.addresses: list[str] = []
@@ -375,7 +376,7 @@ class ListenerHub:
     def hand_over(self) -> None:
         """Move the current batch to the queue, or stop reading until there is room."""
         if self.queue.try_put(self.batch):
-            self.batch = []
+            self.batch = FrameBatch()
             self.stats.batches += 1
             return
         if not self.blocked:
@@ -397,7 +398,7 @@ class ListenerHub:
             return
         if not self.queue.try_put(self.batch):
             return
-        self.batch = []
+        self.batch = FrameBatch()
         self.stats.batches += 1
         self.blocked = False
         self._count_blocked()
@@ -439,7 +440,7 @@ class ListenerHub:
         await asyncio.sleep(0)
         while self.batch:
             if self.queue.try_put(self.batch):
-                self.batch = []
+                self.batch = FrameBatch()
                 self.stats.batches += 1
             else:
                 await asyncio.sleep(0.005)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from core import dnstap_pb2
 from core.errors import ConfigError
-from core.formats import FORMATS, format_json, format_text, format_yaml, get_formatter
+from core.formats import FORMATS, format_json, format_text, format_yaml, get_format
 from core.framestream import ReaderSession
 from core.message import FIELDS, decode
 
@@ -225,16 +225,72 @@ def test_yaml_layout():
 # --------------------------------------------------------------------------
 
 
-def test_get_formatter():
-    assert get_formatter("text") is format_text
-    assert get_formatter("json") is format_json
-    assert get_formatter("yaml") is format_yaml
+def test_get_format():
+    assert get_format("text").record is format_text
+    assert get_format("json").record is format_json
+    assert get_format("yaml").record is format_yaml
     assert set(FORMATS) == {"text", "json", "yaml"}
+    assert all(fmt.name == name for name, fmt in FORMATS.items())
 
 
 @pytest.mark.parametrize("name", ["xml", "", "JSON", "text "])
 def test_unknown_format_is_a_config_error(name):
     with pytest.raises(ConfigError) as info:
-        get_formatter(name)
+        get_format(name)
     assert repr(name) in str(info.value)
     assert "text, json, yaml" in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# Batches: what the writers use
+# --------------------------------------------------------------------------
+
+_awkward_text = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(['},{"timestamp":', '"},{"timestamp":1}', "\\", "\n", '{"a":[{"timestamp":1}]}']),
+)
+
+
+@st.composite
+def _records(draw):
+    recs = []
+    for _ in range(draw(st.integers(0, 8))):
+        rec = decode(_client_query())
+        rec["identity"] = draw(_awkward_text)
+        rec["qname"] = draw(_awkward_text)
+        if draw(st.booleans()):
+            rec["policy"] = {"timestamp": draw(_awkward_text), "rule": draw(_awkward_text)}
+        if draw(st.booleans()):
+            rec["extra"] = [{"timestamp": 1}, {"timestamp": draw(_awkward_text)}]
+        recs.append(rec)
+    return recs
+
+
+@given(recs=_records(), name=st.sampled_from(sorted(FORMATS)), delimiter=st.sampled_from([b"\n", b"\0", b"\r\n"]))
+@settings(max_examples=300, deadline=None)
+def test_batch_equals_records_each_followed_by_the_delimiter(recs, name, delimiter):
+    fmt = FORMATS[name]
+    expected = b"".join(fmt.record(rec) + delimiter for rec in recs)
+    assert fmt.batch(recs, delimiter) == expected
+
+
+def test_json_batch_of_records_not_starting_with_timestamp():
+    recs = [{"a": 1}, {"timestamp": 2, "b": '},{"timestamp":'}, {"c": [{"timestamp": 3}]}]
+    lines = FORMATS["json"].batch(recs).split(b"\n")
+    assert lines[-1] == b""
+    assert [json.loads(line) for line in lines[:-1]] == recs
+
+
+def test_json_batch_of_capture_records_is_json_lines():
+    recs = [decode(f) for f in _frames("unbound-tcp.fstrm")]
+    lines = FORMATS["json"].batch(recs).split(b"\n")
+    assert lines[-1] == b""
+    assert [json.loads(line) for line in lines[:-1]] == [dict(r) for r in recs]
+
+
+def test_text_line_break_in_identity_cannot_forge_a_line():
+    rec = decode(_client_query())
+    rec["identity"] = "evil\n2020-01-01T00:00:00+00:00 forged\r"
+    line = format_text(rec)
+    assert b"\n" not in line and b"\r" not in line
+    assert line.split(b" ")[1] == b"evil\\n2020-01-01T00:00:00+00:00"

@@ -10,6 +10,7 @@ from apache_beam.metrics import Metrics
 
 from core import counters
 from core.message import UndecodableMessage, decode
+from transforms.batches import RecordBatch
 
 __all__ = ["DecodeDnstap", "decode_batch"]
 
@@ -39,9 +40,9 @@ class _RateLimitedLog:
 _warn = _RateLimitedLog()
 
 
-def decode_batch(frames: list[bytes]) -> list:
+def decode_batch(frames: list[bytes]) -> RecordBatch:
     """Decode every frame; undecodable ones are counted, logged and skipped."""
-    records = []
+    records = RecordBatch()
     append = records.append
     malformed = 0
     for frame in frames:
@@ -78,4 +79,4 @@ class DecodeDnstap(beam.PTransform):
     """Batches of dnstap protobuf frames in, batches of DnstapRecord out."""
 
     def expand(self, frames):
-        return frames | "Decode" >> beam.ParDo(_DecodeFn())
+        return frames | "Decode" >> beam.ParDo(_DecodeFn()).with_output_types(RecordBatch)
