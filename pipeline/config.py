@@ -35,16 +35,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import dns.rcode
 import yaml
 
 from core.errors import ConfigError
 from core.formats import FORMATS
+from core.message import MESSAGE_TYPES
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "SHIPPED_CONFIG",
     "Config",
     "FileOutput",
+    "FilterOptions",
+    "GeoipOptions",
+    "LatencyOptions",
+    "NormalizeOptions",
+    "PrivacyOptions",
     "InputOptions",
     "OutputOptions",
     "StdoutOutput",
@@ -78,7 +85,6 @@ _WEB_API = {
     "local-address": "0.0.0.0",
     "local-port": 8080,
 }
-_GEOIP = {"enable": False, "city-database": None, "country-iso": False}
 _STATISTICS = {
     "qname-lowercase": True,
     "max-items": 10,
@@ -107,7 +113,6 @@ _SNIFFER = {
     "forwarder-response-support": True,
 }
 _TCP_CLIENT = {"enable": False, "retry": 1, "remote-address": None, "remote-port": None}
-_FILTER = {"qname-regex": None, "dnstap-identities": None}
 _METRICS = {
     "enable": False,
     "interval": 300,
@@ -273,20 +278,79 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class FilterOptions:
+    """``filter``: which messages to keep. 4.7.0's two regexes, plus lists."""
+
+    qname_regex: str | None = None
+    dnstap_identities: str | None = None
+    keep_domains_file: str | None = None
+    drop_domains_file: str | None = None
+    drop_query_ip: tuple[str, ...] = ()
+    drop_rcodes: tuple[str, ...] = ()
+    keep_message_types: tuple[str, ...] = ()
+    downsample: int = 1
+
+
+@dataclass(frozen=True)
+class GeoipOptions:
+    """``geoip``: country/city (and AS) of the client address."""
+
+    enable: bool = False
+    city_database: str | None = None
+    country_iso: bool = False
+    asn_database: str | None = None
+
+
+@dataclass(frozen=True)
+class NormalizeOptions:
+    """``normalize``: qname case and trailing dot, TLD and registrable domain."""
+
+    qname_lowercase: bool = False
+    qname_trailing_dot: bool = True
+    add_tld: bool = False
+    add_registrable_domain: bool = False
+
+
+@dataclass(frozen=True)
+class PrivacyOptions:
+    """``privacy``: anonymised or hashed client addresses, minimised qnames."""
+
+    anonymize_ip: bool = False
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 56
+    hash_ip: bool = False
+    hash_secret: str | None = None
+    minimize_qname: bool = False
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """``latency``: match responses to queries where the dnstap times do not give it."""
+
+    enable: bool = True
+    timeout: float = 10.0
+    max_entries: int = 100000
+    unanswered: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration. ``Config()`` is the built-in default.
 
     ``warnings`` lists settings that are accepted but not applied by this
-    release (web-api, geoip, filter); the CLI logs them. It is derived data
-    and does not take part in equality.
+    release (web-api); the CLI logs them. It is derived data and does not
+    take part in equality.
     """
 
     trace: TraceOptions = field(default_factory=TraceOptions)
     web_api: dict = _dict_default(_WEB_API)
-    geoip: dict = _dict_default(_GEOIP)
+    geoip: GeoipOptions = field(default_factory=GeoipOptions)
     statistics: dict = _dict_default(_STATISTICS)
     input: InputOptions = field(default_factory=InputOptions)
-    filter: dict = _dict_default(_FILTER)
+    filter: FilterOptions = field(default_factory=FilterOptions)
+    normalize: NormalizeOptions = field(default_factory=NormalizeOptions)
+    latency: LatencyOptions = field(default_factory=LatencyOptions)
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -612,6 +676,119 @@ def _output(data: Mapping) -> OutputOptions:
     return OutputOptions(stdout=stdout, file=file, **others)
 
 
+def _existing_file(s: _Section, name: str) -> str | None:
+    path = s.opt_str(name)
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"{s.key(name)}: file not found: {path}")
+    return path
+
+
+def _names(s: _Section, name: str, known: dict[str, str]) -> tuple[str, ...]:
+    """A list of names from ``known`` (matched case-insensitively) -> canonical names."""
+    value = s.data[name]
+    if not isinstance(value, list):
+        raise ConfigError(f"{s.key(name)}: expected a list, got {_show(value)}")
+    out = []
+    for item in value:
+        canonical = known.get(item.upper()) if isinstance(item, str) else None
+        if canonical is None:
+            raise ConfigError(
+                f"{s.key(name)}: unknown value {_show(item)}; expected some of {', '.join(known.values())}"
+            )
+        if canonical not in out:
+            out.append(canonical)
+    return tuple(out)
+
+
+def _cidrs(s: _Section, name: str) -> tuple[str, ...]:
+    value = s.data[name]
+    if not isinstance(value, list):
+        raise ConfigError(f"{s.key(name)}: expected a list of networks, got {_show(value)}")
+    out = []
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise ValueError
+            network = str(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{s.key(name)}: expected a network in CIDR notation such as 10.0.0.0/8, got {_show(item)}"
+            ) from None
+        if network not in out:
+            out.append(network)
+    return tuple(out)
+
+
+def _filter(data: Mapping) -> FilterOptions:
+    s = _Section(data, "filter")
+    rcodes = {r.name: r.name for r in dns.rcode.Rcode}
+    return FilterOptions(
+        qname_regex=s.regex("qname-regex"),
+        dnstap_identities=s.regex("dnstap-identities"),
+        keep_domains_file=_existing_file(s, "keep-domains-file"),
+        drop_domains_file=_existing_file(s, "drop-domains-file"),
+        drop_query_ip=_cidrs(s, "drop-query-ip"),
+        drop_rcodes=_names(s, "drop-rcodes", rcodes),
+        keep_message_types=_names(s, "keep-message-types", {n: n for n in MESSAGE_TYPES.values()}),
+        downsample=s.int("downsample", 1),
+    )
+
+
+def _geoip(data: Mapping) -> GeoipOptions:
+    s = _Section(data, "geoip")
+    enable = s.bool("enable")
+    city = s.opt_str("city-database")
+    asn = s.opt_str("asn-database")
+    if enable:
+        if city is None and asn is None:
+            raise ConfigError("geoip.city-database: required when geoip.enable is true")
+        for name, path in (("city-database", city), ("asn-database", asn)):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"geoip.{name}: file not found: {path}")
+    return GeoipOptions(enable=enable, city_database=city, country_iso=s.bool("country-iso"), asn_database=asn)
+
+
+def _normalize(data: Mapping) -> NormalizeOptions:
+    s = _Section(data, "normalize")
+    return NormalizeOptions(
+        qname_lowercase=s.bool("qname-lowercase"),
+        qname_trailing_dot=s.bool("qname-trailing-dot"),
+        add_tld=s.bool("add-tld"),
+        add_registrable_domain=s.bool("add-registrable-domain"),
+    )
+
+
+def _privacy(data: Mapping) -> PrivacyOptions:
+    s = _Section(data, "privacy")
+    anonymize, hashed = s.bool("anonymize-ip"), s.bool("hash-ip")
+    secret = s.opt_str("hash-secret")
+    if anonymize and hashed:
+        raise ConfigError("privacy.hash-ip: cannot be combined with privacy.anonymize-ip; choose one")
+    if hashed and not secret:
+        raise ConfigError("privacy.hash-secret: required when privacy.hash-ip is true")
+    return PrivacyOptions(
+        anonymize_ip=anonymize,
+        ipv4_prefix=s.int("ipv4-prefix", 0, 32),
+        ipv6_prefix=s.int("ipv6-prefix", 0, 128),
+        hash_ip=hashed,
+        hash_secret=secret,
+        minimize_qname=s.bool("minimize-qname"),
+    )
+
+
+def _latency(data: Mapping) -> LatencyOptions:
+    s = _Section(data, "latency")
+    timeout = s.number("timeout", 0)
+    if timeout <= 0:
+        raise ConfigError(f"latency.timeout: expected a number > 0, got {_show(data['timeout'])}")
+    return LatencyOptions(
+        enable=s.bool("enable"),
+        timeout=timeout,
+        max_entries=s.int("max-entries", 1),
+        unanswered=s.bool("unanswered"),
+    )
+
+
 def _check_input_enabled(config: Config) -> None:
     if not (config.input.tcp_socket.enable or config.input.unix_socket.enable):
         raise ConfigError(
@@ -636,24 +813,17 @@ def config_from_dict(data: Mapping | None, *, require_input: bool = True) -> Con
     web_api = dict(merged["web-api"])
     if _Section(web_api, "web-api").bool("enable"):
         warnings.append("web-api.enable: the HTTP API is not available in this release; ignored")
-    geoip = dict(merged["geoip"])
-    if _Section(geoip, "geoip").bool("enable"):
-        warnings.append("geoip.enable: GeoIP enrichment is not applied yet by this receiver; ignored")
-    filters = dict(merged["filter"])
-    fs = _Section(filters, "filter")
-    for name in ("qname-regex", "dnstap-identities"):
-        if fs.regex(name) is not None:
-            warnings.append(
-                f"filter.{name}: filtering is not applied yet by this receiver; all messages are kept"
-            )
 
     config = Config(
         trace=_trace(merged["trace"]),
         web_api=web_api,
-        geoip=geoip,
+        geoip=_geoip(merged["geoip"]),
         statistics=dict(merged["statistics"]),
         input=_input(merged["input"]),
-        filter=filters,
+        filter=_filter(merged["filter"]),
+        normalize=_normalize(merged["normalize"]),
+        latency=_latency(merged["latency"]),
+        privacy=_privacy(merged["privacy"]),
         output=_output(merged["output"]),
         warnings=tuple(warnings),
     )
