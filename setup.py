@@ -14,7 +14,10 @@ setup(
     description="dnstap receiver built as an Apache Beam pipeline",
     python_requires=">=3.11",
     packages=find_packages(include=["core", "pipeline", "sources", "transforms", "sinks"]),
-    package_data={"core": ["dnstap.proto"], "pipeline": ["dnstap.conf"]},
+    package_data={
+        "core": ["dnstap.proto", "data/public_suffix_list.dat", "data/README.md"],
+        "pipeline": ["dnstap.conf"],
+    },
     install_requires=RUNTIME,
     extras_require={
         "geoip": ["geoip2==5.3.0"],

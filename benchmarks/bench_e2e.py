@@ -37,6 +37,7 @@ import dns.message  # noqa: E402
 import dns.rcode  # noqa: E402
 import dns.rdatatype  # noqa: E402
 import dns.rrset  # noqa: E402
+import yaml  # noqa: E402
 
 from core import dnstap_pb2  # noqa: E402
 from core.errors import FrameStreamError  # noqa: E402
@@ -134,8 +135,11 @@ def _answer_rrset(qname: str, qtype: str, rng: random.Random) -> dns.rrset.RRset
 def build_dns_templates(count: int, rng: random.Random) -> list[tuple[bytes, bytes]]:
     """(query wire, response wire) pairs for `count` distinct questions, built once with dnspython."""
     questions: set[tuple[str, str]] = set()
+    # Past half the hand-written combinations, unique host labels (as CDNs and
+    # trackers produce), so that any count can be reached.
+    common = len(set(_LABELS)) * len(set(_DOMAINS)) * len(set(_QTYPES)) // 2  # lists repeat entries as weights
     while len(questions) < count:
-        label = rng.choice(_LABELS)
+        label = rng.choice(_LABELS) if len(questions) < common else f"h{rng.randrange(1 << 30):x}"
         domain = rng.choice(_DOMAINS)
         questions.add((f"{label}.{domain}." if label else f"{domain}.", rng.choice(_QTYPES)))
     templates = []
@@ -296,31 +300,48 @@ def ensure_ref_venv() -> None:
     )
 
 
-def write_config(directory: Path, port: int, output: Path, fmt: str) -> Path:
-    """A 4.7.0-style config: both receivers read the same keys."""
+def write_config(directory: Path, port: int, output: Path, fmt: str, extra: dict | None = None) -> Path:
+    """A 4.7.0-style config: both receivers read the same keys; ``extra``
+    sections (ours only) are added to it."""
+    config: dict[str, Any] = {
+        "trace": {"verbose": False},
+        "web-api": {"enable": False},
+        "input": {"tcp-socket": {"enable": True, "local-address": HOST, "local-port": port}},
+        "output": {
+            "stdout": {"enable": False},
+            "file": {"enable": True, "format": fmt, "file": str(output),
+                     "file-max-size": FILE_MAX_SIZE, "file-count": 1},
+        },
+    }
+    config.update(extra or {})
     conf = directory / "dnstap.conf"
-    conf.write_text(
-        f"""trace:
-  verbose: false
-web-api:
-  enable: false
-input:
-  tcp-socket:
-    enable: true
-    local-address: {HOST}
-    local-port: {port}
-output:
-  stdout:
-    enable: false
-  file:
-    enable: true
-    format: {fmt}
-    file: {output}
-    file-max-size: {FILE_MAX_SIZE}
-    file-count: 1
-"""
-    )
+    conf.write_text(yaml.safe_dump(config, sort_keys=False))
     return conf
+
+
+def all_transforms(directory: Path) -> dict:
+    """Every transform on, none dropping a benchmark message (the clock stops at N
+    lines): a 100,000-name drop list, GeoIP with MaxMind's test databases, /24 and
+    /56 anonymisation, TLD and registrable domain."""
+    blocked = directory / "blocked-domains.txt"
+    blocked.write_text("".join(f"*.blocked{i}.example\n" for i in range(100_000)))
+    geoip = REPO / "tests" / "data" / "geoip"
+    return {
+        "normalize": {"qname-lowercase": True, "add-tld": True, "add-registrable-domain": True},
+        "latency": {"enable": True},
+        "filter": {
+            "keep-message-types": ["CLIENT_QUERY", "CLIENT_RESPONSE"],
+            "drop-rcodes": ["REFUSED"],
+            "drop-query-ip": ["203.0.113.0/24"],
+            "drop-domains-file": str(blocked),
+        },
+        "geoip": {
+            "enable": True,
+            "city-database": str(geoip / "GeoIP2-City-Test.mmdb"),
+            "asn-database": str(geoip / "GeoLite2-ASN-Test.mmdb"),
+        },
+        "privacy": {"anonymize-ip": True},
+    }
 
 
 def free_port() -> int:
@@ -704,7 +725,8 @@ def run_receiver(receiver: Receiver, workload: Workload, args: argparse.Namespac
     try:
         port = free_port()
         output = tmp / "dnstap.jsonl"
-        argv = receiver.argv(write_config(tmp, port, output, args.format), port)
+        extra = all_transforms(tmp) if args.transforms and receiver.name == OURS else None
+        argv = receiver.argv(write_config(tmp, port, output, args.format, extra), port)
         result: dict[str, Any] = {
             "receiver": receiver.label,
             "command": argv,
@@ -843,6 +865,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=4096, help="distinct pre-serialised frames (default 4096)")
     p.add_argument("--questions", type=int, default=300, help="distinct qname/qtype pairs (default 300)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--transforms", action="store_true",
+                   help="ours with every transform enabled (normalize, latency, filter, GeoIP, privacy)")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (config, output, logs)")
     args = p.parse_args(argv)
     if args.messages < 1:

@@ -5,14 +5,27 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.config import Config
+from pipeline.config import Config, FilterOptions, NormalizeOptions
 from sinks.file import WriteToFile
 from sinks.stdout import WriteToStdout
 from sources.framestream_io import ReadFromFrameStream
 from sources.listener import HubSpec, TcpServerSpec, UnixServerSpec
 from transforms.decode import DecodeDnstap
+from transforms.filter import FilterMessages
+from transforms.geoip import EnrichGeoIP
+from transforms.latency import MatchLatency
+from transforms.normalize import NormalizeQnames
+from transforms.privacy import ApplyPrivacy
 
-__all__ = ["LOCAL_RUNNERS", "add_outputs", "build_live_pipeline", "hub_spec", "make_runner"]
+__all__ = [
+    "LOCAL_RUNNERS",
+    "add_outputs",
+    "add_transforms",
+    "build_live_pipeline",
+    "hub_spec",
+    "make_runner",
+    "transform_steps",
+]
 
 # Runner names that mean "this process": run on the FnApiRunner directly. The
 # stock DirectRunner would first try to download Prism, then fall back to the
@@ -56,6 +69,35 @@ def make_runner(options: PipelineOptions):
     return None
 
 
+def transform_steps(config: Config) -> list[tuple[str, beam.PTransform]]:
+    """The transforms ``config`` enables, in their fixed order:
+
+    normalise (names as they will be counted and matched) -> match latency
+    (before filtering, which may drop the queries) -> filter -> GeoIP (on the
+    real client address) -> privacy (last, so nothing before it sees less).
+    Building them validates their files (lists, databases): ConfigError.
+    """
+    steps: list[tuple[str, beam.PTransform]] = []
+    if config.normalize != NormalizeOptions():
+        steps.append(("NormalizeQnames", NormalizeQnames(config.normalize)))
+    if config.latency.enable:
+        steps.append(("MatchLatency", MatchLatency(config.latency)))
+    if config.filter != FilterOptions():
+        steps.append(("FilterMessages", FilterMessages(config.filter)))
+    if config.geoip.enable:
+        steps.append(("EnrichGeoIP", EnrichGeoIP(config.geoip)))
+    privacy = config.privacy
+    if privacy.anonymize_ip or privacy.hash_ip or privacy.minimize_qname:
+        steps.append(("ApplyPrivacy", ApplyPrivacy(privacy)))
+    return steps
+
+
+def add_transforms(records, config: Config):
+    for label, transform in transform_steps(config):
+        records = records | label >> transform
+    return records
+
+
 def add_outputs(records, config: Config) -> None:
     out = config.output
     if out.stdout.enable:
@@ -76,5 +118,5 @@ def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec 
         | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
         | "DecodeDnstap" >> DecodeDnstap()
     )
-    add_outputs(records, config)
+    add_outputs(add_transforms(records, config), config)
     return p

@@ -131,10 +131,17 @@ def file_tail(path: Path, limit: int = 3000) -> str:
         return "(none)"
 
 
-def write_unbound_conf(workdir: Path, dns_port: int, target: str, dnstap_options: tuple[str, ...] = ()) -> Path:
+def write_unbound_conf(
+    workdir: Path,
+    dns_port: int,
+    target: str,
+    dnstap_options: tuple[str, ...] = (),
+    any_client: bool = False,
+) -> Path:
     """The unbound.conf for ``target`` (``unix:/path`` or ``tcp:HOST:PORT``), as
     run-unbound.sh writes it; ``dnstap_options`` are extra lines for its dnstap: section,
-    e.g. "dnstap-bidirectional: no"."""
+    e.g. "dnstap-bidirectional: no". ``any_client`` listens on every local address and
+    answers every client (only inside a network namespace a test made)."""
     if target.startswith("unix:"):
         line = f'dnstap-socket-path: "{target[len("unix:"):]}"'
     elif target.startswith("tcp:"):
@@ -149,6 +156,9 @@ def write_unbound_conf(workdir: Path, dns_port: int, target: str, dnstap_options
     for option in dnstap_options:
         line += f"\n    {option}"
     text = text.replace("@DNSTAP_TARGET@", line)
+    if any_client:
+        text = text.replace("interface: 127.0.0.1@", "interface: 0.0.0.0@")
+        text = text.replace("access-control: 127.0.0.0/8 allow", "access-control: 0.0.0.0/0 allow")
     conf = workdir / "unbound.conf"
     conf.write_text(text)
     return conf
@@ -162,6 +172,7 @@ def start_unbound(
     timeout: float = 20.0,
     probe: bool = False,
     dnstap_options: tuple[str, ...] = (),
+    any_client: bool = False,
 ) -> subprocess.Popen:
     """Start unbound in the foreground (``-d``) answering example.test. on
     127.0.0.1:``dns_port`` and streaming dnstap to ``target``; the receiver must already
@@ -171,7 +182,7 @@ def start_unbound(
     unbound = require("unbound")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    conf = write_unbound_conf(workdir, dns_port, target, dnstap_options)
+    conf = write_unbound_conf(workdir, dns_port, target, dnstap_options, any_client)
     checkconf = which("unbound-checkconf")
     if checkconf:
         check = subprocess.run([checkconf, str(conf)], capture_output=True, text=True)
@@ -225,10 +236,14 @@ def stop_unbound(proc: subprocess.Popen, *, settle: float = 2.0, timeout: float 
     return proc.returncode
 
 
-def dig(port: int, qname: str, qtype: str = "A", *, host: str = "127.0.0.1") -> str | None:
-    """One query with dig; its status (NOERROR, NXDOMAIN...) or None without an answer."""
+def dig(
+    port: int, qname: str, qtype: str = "A", *, host: str = "127.0.0.1", source: str | None = None
+) -> str | None:
+    """One query with dig (from ``source`` when given); its status (NOERROR,
+    NXDOMAIN...) or None without an answer."""
+    bind = ["-b", source] if source else []
     out = subprocess.run(
-        [require("dig"), f"@{host}", "-p", str(port), "+time=1", "+tries=1", qname, qtype],
+        [require("dig"), f"@{host}", "-p", str(port), *bind, "+time=1", "+tries=1", qname, qtype],
         capture_output=True,
         text=True,
     )

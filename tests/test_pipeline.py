@@ -12,12 +12,14 @@ import time
 
 import orjson
 import pytest
+from pathlib import Path
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability import common_urns
 from apache_beam.runners.portability import prism_runner
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from core.formats import format_json
+from core.latency import LatencyMatcher
 from core.message import decode
 from fstrm_client import FstrmClient, capture_frames, data_stream, free_tcp_port
 from pipeline.build import build_live_pipeline, hub_spec, make_runner
@@ -66,6 +68,29 @@ def test_live_graph_has_no_group_by_key(tmp_path):
         assert expected in names, f"{expected} missing from {sorted(names)}"
     assert common_urns.primitives.IMPULSE.urn in urns.values()
     assert common_urns.primitives.PAR_DO.urn in urns.values()
+
+
+def test_live_graph_with_every_transform_has_no_group_by_key_and_keeps_the_order(tmp_path):
+    geoip = Path(__file__).parent / "data" / "geoip"
+    config = live_config(free_tcp_port(), tmp_path / "out.json")
+    config = config_from_dict(
+        {
+            "input": {"tcp-socket": {"local-address": "127.0.0.1", "local-port": config.input.tcp_socket.local_port}},
+            "output": {"file": {"enable": True, "format": "json", "file": str(tmp_path / "out.json")}},
+            "normalize": {"qname-lowercase": True, "add-tld": True},
+            "filter": {"drop-rcodes": ["REFUSED"]},
+            "geoip": {"enable": True, "city-database": str(geoip / "GeoIP2-City-Test.mmdb")},
+            "privacy": {"anonymize-ip": True},
+        }
+    )
+    p = build_live_pipeline(config, PipelineOptions(["--runner=DirectRunner"]))
+    urns = all_urns(p)
+    assert not {name for name, urn in urns.items() if urn in FORBIDDEN_URNS}
+    order = ["DecodeDnstap", "NormalizeQnames", "MatchLatency", "FilterMessages", "EnrichGeoIP", "ApplyPrivacy", "WriteToFile"]
+    proto = p.to_runner_api()
+    (root,) = proto.root_transform_ids
+    top = [proto.components.transforms[i].unique_name for i in proto.components.transforms[root].subtransforms]
+    assert [name for name in top if name in order] == order
 
 
 @pytest.mark.parametrize("argv", [["--runner=DirectRunner"], [], ["--runner=FnApiRunner"]])
@@ -164,7 +189,11 @@ def test_in_process_run_writes_every_message(tmp_path, no_prism):
     lines = out.read_bytes().splitlines()
     assert len(lines) == 2006
     records = [orjson.loads(line) for line in lines]
-    expected = [decode(f) for f in frames]
+    # The default config matches responses to queries (unbound's responses carry no query time).
+    expected = LatencyMatcher(timeout=10.0, max_entries=100000, emit_unanswered=False).process(
+        [decode(f) for f in frames]
+    )
+    assert all(isinstance(e["latency"], float) for e in expected if e["type"] == "response")
     assert [(r["qname"], r["rrtype"]) for r in records] == [(e["qname"], e["rrtype"]) for e in expected]
     assert records == [orjson.loads(format_json(e)) for e in expected]
 
