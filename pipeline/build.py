@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -26,6 +28,8 @@ __all__ = [
     "make_runner",
     "transform_steps",
 ]
+
+log = logging.getLogger("dnstap_receiver")
 
 # Runner names that mean "this process": run on the FnApiRunner directly. The
 # stock DirectRunner would first try to download Prism, then fall back to the
@@ -93,7 +97,11 @@ def transform_steps(config: Config) -> list[tuple[str, beam.PTransform]]:
 
 
 def add_transforms(records, config: Config):
-    for label, transform in transform_steps(config):
+    steps = transform_steps(config)
+    log.info("transforms: %s", " -> ".join(label for label, _ in steps) or "none")
+    for label, transform in steps:
+        if isinstance(transform, FilterMessages):
+            log.info("%s", transform.description)
         records = records | label >> transform
     return records
 
