@@ -156,6 +156,22 @@ def test_bad_port_flag(tmp_path):
     assert_one_line_error(proc, "-p")
 
 
+@pytest.mark.parametrize("content", [None, b"not an mmdb file"], ids=["missing", "not-mmdb"])
+def test_bad_geoip_database_exits_2_naming_the_file(tmp_path, content):
+    database = tmp_path / "city.mmdb"
+    if content is not None:
+        database.write_bytes(content)
+    path = write_config(tmp_path / "geoip.yaml", {
+        "input": tcp_input(free_tcp_port()),
+        "output": {"stdout": {"enable": False}},
+        "geoip": {"enable": True, "city-database": str(database)},
+    })
+    proc = run_cli("-c", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "geoip.city-database" in proc.stderr and str(database) in proc.stderr
+
+
 def test_port_in_use_exits_2(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
