@@ -15,6 +15,7 @@ from typing import Callable
 __all__ = ["counter_group", "register", "snapshot", "unregister"]
 
 _PROVIDERS: dict[str, Callable[[], dict]] = {}
+_GROUP_OBJECTS: dict[str, collections.Counter] = {}
 
 
 def register(name: str, provider: Callable[[], dict]) -> None:
@@ -32,9 +33,6 @@ def counter_group(name: str) -> collections.Counter:
         existing = _GROUP_OBJECTS[name] = collections.Counter()
         register(name, lambda: dict(existing))
     return existing
-
-
-_GROUP_OBJECTS: dict[str, collections.Counter] = {}
 
 
 def snapshot() -> dict[str, dict]:
