@@ -182,9 +182,7 @@ def start_receiver(tmp_path: str | os.PathLike, config: dict, *, timeout: float 
     config_path = workdir / "receiver.yaml"
     config_path.write_text(yaml.safe_dump(full, sort_keys=False))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # DNSTAP_RECEIVER_MODULE runs the same tests against another implementation.
-    module = os.environ.get("DNSTAP_RECEIVER_MODULE", "pipeline")
-    cmd = [sys.executable, "-m", module, "--runner=DirectRunner", "-c", str(config_path), *extra_args]
+    cmd = [sys.executable, "-m", "pipeline", "--runner=DirectRunner", "-c", str(config_path), *extra_args]
     with open(workdir / "receiver.stdout", "wb") as out, open(workdir / "receiver.stderr", "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
     receiver = ReceiverProcess(proc, workdir, full, config_path)
