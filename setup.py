@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["core", "pipeline", "sources", "transforms", "sinks"]),
     package_data={
         "core": ["dnstap.proto", "data/public_suffix_list.dat", "data/README.md"],
-        "pipeline": ["dnstap.conf"],
+        "pipeline": ["dnstap.conf", "openapi.yaml"],
     },
     install_requires=RUNTIME,
     extras_require={

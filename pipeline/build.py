@@ -18,6 +18,7 @@ from transforms.geoip import EnrichGeoIP
 from transforms.latency import MatchLatency
 from transforms.normalize import NormalizeQnames
 from transforms.privacy import ApplyPrivacy
+from transforms.statistics import PublishStatistics, StatsSpec
 
 __all__ = [
     "LOCAL_RUNNERS",
@@ -26,6 +27,7 @@ __all__ = [
     "build_live_pipeline",
     "hub_spec",
     "make_runner",
+    "stats_spec",
     "transform_steps",
 ]
 
@@ -106,6 +108,18 @@ def add_transforms(records, config: Config):
     return records
 
 
+def stats_spec(config: Config) -> StatsSpec:
+    """The live statistics store of ``config`` (the pipeline writes it, the API reads it)."""
+    st = config.statistics
+    return StatsSpec(
+        window_seconds=st.window,
+        keep_windows=st.keep_windows,
+        top_capacity=st.top_capacity,
+        max_identities=st.max_identities,
+        qname_lowercase=st.qname_lowercase,
+    )
+
+
 def add_outputs(records, config: Config) -> None:
     out = config.output
     if out.stdout.enable:
@@ -126,5 +140,10 @@ def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec 
         | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
         | "DecodeDnstap" >> DecodeDnstap()
     )
-    add_outputs(add_transforms(records, config), config)
+    records = add_transforms(records, config)
+    if config.statistics.enable:
+        # Counted after the transforms: filtered messages are counted apart, per
+        # reason, and with privacy on the tables never hold a real client address.
+        records | "PublishStatistics" >> PublishStatistics(stats_spec(config))
+    add_outputs(records, config)
     return p

@@ -60,8 +60,9 @@ def _format_counters() -> str:
             for k, v in values.items()
             if v and not isinstance(v, dict)
         )
-        parts.append(f"{group}: {shown or 'nothing yet'}")
-    return "; ".join(parts)
+        if shown:  # groups of transforms that are off stay silent
+            parts.append(f"{group}: {shown}")
+    return "; ".join(parts) or "nothing yet"
 
 
 class _CounterLogger(threading.Thread):
@@ -100,6 +101,31 @@ def _install_signal_handlers(state: dict) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
+def _start_api(config: Config, spec):
+    """The HTTP API over the live statistics store, or None when disabled."""
+    web = config.web_api
+    if not web.enable:
+        return None
+    from pipeline.http_api import ApiServer  # aiohttp only when the API is on
+    from pipeline.stats_view import ReceiverStatsView
+    from transforms.statistics import get_store
+
+    st = config.statistics
+    api = ApiServer(
+        ReceiverStatsView(get_store(spec)),
+        address=web.local_address,
+        port=web.local_port,
+        api_key=web.api_key,
+        login=web.login,
+        password=web.password,
+        default_counters=list(st.default_counters),
+        default_top=list(st.default_top),
+        max_items=st.max_items,
+    )
+    api.start()
+    return api
+
+
 def main(argv: list[str] | None = None) -> int:
     args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -113,13 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     source = resolve_config_path(args.c)
     log.info("config: %s", source or "built-in defaults")
-    for warning in config.warnings:
-        log.warning("config: %s", warning)
 
     _import_beam_quietly()
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline.build import build_live_pipeline, hub_spec
+    from pipeline.build import build_live_pipeline, hub_spec, stats_spec
     from sources.listener import get_hub
 
     # Handlers first: from the moment the inputs listen, a signal must drain, not kill.
@@ -132,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         hub = get_hub(spec)
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)
+        return 2
+    try:
+        api = _start_api(config, stats_spec(config))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        hub.shutdown()
         return 2
     stop["hub"] = hub
     if stop["signalled"]:  # the signal came while the inputs were starting
@@ -154,5 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if summary is not None:
             summary.stop.set()
+        if api is not None:
+            api.stop()
     log.info("stopped; counters %s", _format_counters())
     return 0

@@ -19,8 +19,7 @@ Entry points:
 
 Every problem raises :class:`core.errors.ConfigError` with one message naming
 the full dotted key, e.g. ``output.file.format: expected one of text, json,
-yaml, got 'xml'``. Settings that are accepted but not applied yet end up in
-``Config.warnings`` for the caller to log.
+yaml, got 'xml'``.
 """
 
 from __future__ import annotations
@@ -48,6 +47,8 @@ __all__ = [
     "Config",
     "FileOutput",
     "FilterOptions",
+    "StatisticsOptions",
+    "WebApiOptions",
     "GeoipOptions",
     "LatencyOptions",
     "NormalizeOptions",
@@ -77,28 +78,6 @@ OUTPUT_FORMATS: tuple[str, ...] = tuple(FORMATS)  # text, json, yaml
 # Defaults of the sections kept as plain dicts (4.7.0 keys, as they are).
 # --------------------------------------------------------------------------
 
-_WEB_API = {
-    "enable": False,  # 4.7.0 ships true; the HTTP API comes in a later release
-    "api-key": "changeme",
-    "login": "admin",
-    "password": "changeme",
-    "local-address": "0.0.0.0",
-    "local-port": 8080,
-}
-_STATISTICS = {
-    "qname-lowercase": True,
-    "max-items": 10,
-    "default-counters": [
-        "clients",
-        "domains",
-        "query",
-        "response",
-        "qps",
-        "response/noerror",
-        "response/nxdomain",
-    ],
-    "default-top": ["noerror/query", "nxdomain/response"],
-}
 _SNIFFER = {
     "enable": False,
     "eth-name": None,
@@ -277,6 +256,36 @@ class OutputOptions:
     elasticsearch: dict = _dict_default(_ELASTICSEARCH)
 
 
+_DEFAULT_COUNTERS = ("clients", "domains", "query", "response", "qps", "response/noerror", "response/nxdomain")
+
+
+@dataclass(frozen=True)
+class WebApiOptions:
+    """``web-api``: the HTTP API (counters, tables, windows, Prometheus metrics)."""
+
+    enable: bool = True
+    api_key: str = "changeme"
+    login: str = "admin"
+    password: str = "changeme"
+    local_address: str = "127.0.0.1"
+    local_port: int = 8080
+
+
+@dataclass(frozen=True)
+class StatisticsOptions:
+    """``statistics``: what is counted, and the defaults of the API views."""
+
+    enable: bool = True
+    qname_lowercase: bool = True
+    max_items: int = 10
+    default_counters: tuple[str, ...] = _DEFAULT_COUNTERS
+    default_top: tuple[str, ...] = ("noerror/query", "nxdomain/response")
+    window: float = 10.0
+    keep_windows: int = 60
+    top_capacity: int = 1000
+    max_identities: int = 100
+
+
 @dataclass(frozen=True)
 class FilterOptions:
     """``filter``: which messages to keep. 4.7.0's two regexes, plus lists."""
@@ -335,24 +344,18 @@ class LatencyOptions:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration. ``Config()`` is the built-in default.
-
-    ``warnings`` lists settings that are accepted but not applied by this
-    release (web-api); the CLI logs them. It is derived data and does not
-    take part in equality.
-    """
+    """The whole configuration. ``Config()`` is the built-in default."""
 
     trace: TraceOptions = field(default_factory=TraceOptions)
-    web_api: dict = _dict_default(_WEB_API)
+    web_api: WebApiOptions = field(default_factory=WebApiOptions)
     geoip: GeoipOptions = field(default_factory=GeoipOptions)
-    statistics: dict = _dict_default(_STATISTICS)
+    statistics: StatisticsOptions = field(default_factory=StatisticsOptions)
     input: InputOptions = field(default_factory=InputOptions)
     filter: FilterOptions = field(default_factory=FilterOptions)
     normalize: NormalizeOptions = field(default_factory=NormalizeOptions)
     latency: LatencyOptions = field(default_factory=LatencyOptions)
     privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
-    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 # Dict-valued inputs/outputs that exist in 4.7.0 but are not implemented here.
@@ -719,6 +722,50 @@ def _cidrs(s: _Section, name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _web_api(data: Mapping) -> WebApiOptions:
+    s = _Section(data, "web-api")
+    options = WebApiOptions(
+        enable=s.bool("enable"),
+        api_key=s.opt_str("api-key") or "",
+        login=s.opt_str("login") or "",
+        password=s.opt_str("password") or "",
+        local_address=_normalize_address(data["local-address"], s.key("local-address")),
+        local_port=s.int("local-port", 1, 65535),
+    )
+    if options.enable:
+        if not options.api_key and not (options.login and options.password):
+            raise ConfigError("web-api.api-key: set an api-key or a login and password")
+        from pipeline.http_api import check_exposure  # aiohttp only when the API is on
+
+        check_exposure(options.local_address, options.api_key, options.password)
+    return options
+
+
+def _names_list(s: _Section, name: str) -> tuple[str, ...]:
+    value = s.data[name]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{s.key(name)}: expected a list of names, got {_show(value)}")
+    return tuple(value)
+
+
+def _statistics(data: Mapping) -> StatisticsOptions:
+    s = _Section(data, "statistics")
+    window = s.number("window", 0)
+    if window < 1:
+        raise ConfigError(f"statistics.window: expected a number of seconds >= 1, got {_show(data['window'])}")
+    return StatisticsOptions(
+        enable=s.bool("enable"),
+        qname_lowercase=s.bool("qname-lowercase"),
+        max_items=s.int("max-items", 1, 1000),
+        default_counters=_names_list(s, "default-counters"),
+        default_top=_names_list(s, "default-top"),
+        window=window,
+        keep_windows=s.int("keep-windows", 1, 100000),
+        top_capacity=s.int("top-capacity", 10, 1000000),
+        max_identities=s.int("max-identities", 1, 100000),
+    )
+
+
 def _filter(data: Mapping) -> FilterOptions:
     s = _Section(data, "filter")
     rcodes = {r.name: r.name for r in dns.rcode.Rcode}
@@ -809,23 +856,17 @@ def config_from_dict(data: Mapping | None, *, require_input: bool = True) -> Con
         raise ConfigError(f"config: expected a mapping of sections at top level, got {_show(data)}")
     merged = _merge(config_to_dict(Config()), data, "")
 
-    warnings: list[str] = []
-    web_api = dict(merged["web-api"])
-    if _Section(web_api, "web-api").bool("enable"):
-        warnings.append("web-api.enable: the HTTP API is not available in this release; ignored")
-
     config = Config(
         trace=_trace(merged["trace"]),
-        web_api=web_api,
+        web_api=_web_api(merged["web-api"]),
         geoip=_geoip(merged["geoip"]),
-        statistics=dict(merged["statistics"]),
+        statistics=_statistics(merged["statistics"]),
         input=_input(merged["input"]),
         filter=_filter(merged["filter"]),
         normalize=_normalize(merged["normalize"]),
         latency=_latency(merged["latency"]),
         privacy=_privacy(merged["privacy"]),
         output=_output(merged["output"]),
-        warnings=tuple(warnings),
     )
     if require_input:
         _check_input_enabled(config)
@@ -834,14 +875,13 @@ def config_from_dict(data: Mapping | None, *, require_input: bool = True) -> Con
 
 def config_to_dict(config: Config) -> dict:
     """The config as a YAML-keyed mapping of plain values; round-trips
-    through :func:`config_from_dict`. ``warnings`` is left out."""
+    through :func:`config_from_dict`."""
 
     def convert(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
             return {
                 f.name.replace("_", "-"): convert(getattr(value, f.name))
                 for f in dataclasses.fields(value)
-                if f.name != "warnings"
             }
         if isinstance(value, tuple):
             return [convert(v) for v in value]

@@ -463,3 +463,64 @@ def golang_dnstap_send(path: str | os.PathLike, target: str, *, timeout: float =
     else:
         cmd += ["-T", target[len("tcp:"):]]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def _get_json(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def prometheus_scrape(
+    workdir: Path, target_port: int, username: str, password: str, query: str,
+    done, timeout: float = 30.0,
+) -> tuple[dict, dict, str]:
+    """Run a real Prometheus scraping 127.0.0.1:``target_port``/metrics every second with
+    Basic auth, and poll ``query`` until ``done(values)`` is true (values: identity label ->
+    float) or ``timeout``. Returns (values, targets API answer, Prometheus log tail)."""
+    import urllib.parse
+
+    prometheus = require("prometheus")
+    web_port = free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: dnstap\n    scrape_timeout: 1s\n"
+        f"    basic_auth:\n      username: {username}\n      password: '{password}'\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+    )
+    with open(workdir / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(
+            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+             f"--web.listen-address=127.0.0.1:{web_port}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    encoded = urllib.parse.urlencode({"query": query})
+    values: dict = {}
+    targets: dict = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                result = _get_json(f"http://127.0.0.1:{web_port}/api/v1/query?{encoded}")["data"]["result"]
+            except OSError:
+                result = []
+            values = {r["metric"].get("identity"): float(r["value"][1]) for r in result}
+            if done(values):
+                break
+            time.sleep(0.5)
+        if proc.poll() is None:
+            targets = _get_json(f"http://127.0.0.1:{web_port}/api/v1/targets")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+    return values, targets, file_tail(workdir / "prometheus.log")

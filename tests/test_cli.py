@@ -41,6 +41,9 @@ def run_cli(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedPro
 
 
 def write_config(path: Path, data: dict) -> Path:
+    """The YAML config ``data``, with the web API off unless it says otherwise
+    (several receivers in a row must not compete for port 8080)."""
+    data = {"web-api": {"enable": False}, **data}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

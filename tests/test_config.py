@@ -12,6 +12,7 @@ from core.errors import ConfigError
 from pipeline import arguments, config
 from pipeline.arguments import apply_overrides, build_parser, parse_args
 from pipeline.config import (
+    WebApiOptions,
     SHIPPED_CONFIG,
     Config,
     FileOutput,
@@ -55,7 +56,6 @@ def key_tree(value):
 def test_shipped_file_equals_dataclass_defaults():
     loaded = load_config(SHIPPED_CONFIG)
     assert loaded == Config()
-    assert loaded.warnings == ()
 
 
 def test_shipped_file_lists_every_key():
@@ -102,8 +102,11 @@ def test_dataclass_defaults_match_the_brief():
     assert cfg.output.file == FileOutput(
         enable=False, format="text", file="/var/log/dnstap.log", file_max_size=10485760, file_count=10
     )
-    assert cfg.web_api["enable"] is False
-    assert cfg.web_api["local-port"] == 8080
+    assert cfg.web_api == WebApiOptions(
+        enable=True, api_key="changeme", login="admin", password="changeme",
+        local_address="127.0.0.1", local_port=8080,
+    )
+    assert cfg.statistics.enable and cfg.statistics.window == 10.0 and cfg.statistics.max_items == 10
     assert cfg.output.kafka["rdkafka-config"]["bootstrap.servers"] is None
     assert cfg.output.pgsql["min_size"] == 5
     assert cfg.input.sniffer["dns-port"] == [53]
@@ -113,8 +116,8 @@ def test_config_is_frozen_and_sections_independent():
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.trace = TraceOptions()  # type: ignore[misc]
-    cfg.web_api["login"] = "changed"
-    assert Config().web_api["login"] == "admin"
+    cfg.output.kafka["topic"] = "changed"
+    assert Config().output.kafka["topic"] is None
 
 
 def test_config_to_dict_round_trips():
@@ -195,7 +198,7 @@ def test_partial_dict_section_merges_key_by_key():
         "port": 5672,
     }
     assert cfg.output.rabbitmq["retry-delay"] == 0.5
-    assert cfg.web_api["login"] == "x" and cfg.web_api["password"] == "changeme"
+    assert cfg.web_api.login == "x" and cfg.web_api.password == "changeme"
 
 
 def test_lists_replace_defaults():
@@ -206,7 +209,7 @@ def test_lists_replace_defaults():
         }
     )
     assert cfg.input.tcp_socket.access_control_list == ("10.0.0.0/8",)
-    assert cfg.statistics["default-top"] == ["noerror/query"]
+    assert cfg.statistics.default_top == ("noerror/query",)
 
 
 def test_empty_file_is_defaults(tmp_path):
@@ -533,21 +536,22 @@ def test_enable_of_unsupported_section_must_be_boolean():
     )
 
 
-def test_web_api_produces_a_warning_filters_do_not():
-    cfg = config_from_dict(
-        {
-            "web-api": {"enable": True},
-            "filter": {"qname-regex": r".*\.com", "dnstap-identities": "dnsdist01|unbound01"},
-        }
+def test_web_api_default_credentials_only_on_loopback():
+    assert config_from_dict({"web-api": {"local-address": "::1"}}).web_api.local_address == "::1"
+    message = error_of({"web-api": {"local-address": "0.0.0.0"}})
+    assert message.startswith("web-api: refusing to listen on 0.0.0.0 with the default credentials")
+    exposed = config_from_dict(
+        {"web-api": {"local-address": "0.0.0.0", "api-key": "k3y-long-enough", "password": "s3cret-pass"}}
     )
-    assert len(cfg.warnings) == 1
-    assert cfg.warnings[0].startswith("web-api.enable: ")
-    assert "not" in cfg.warnings[0]
-    assert cfg.filter.qname_regex == r".*\.com"
-    assert cfg.filter.dnstap_identities == "dnsdist01|unbound01"
-    assert cfg.web_api["enable"] is True
-    # Warnings are derived data: they do not take part in equality.
-    assert config_from_dict({}).warnings == ()
+    assert exposed.web_api.local_address == "0.0.0.0"
+    # Disabled, the address does not matter.
+    assert config_from_dict({"web-api": {"enable": False, "local-address": "0.0.0.0"}}).web_api.enable is False
+
+
+def test_statistics_values_are_checked():
+    assert error_of({"statistics": {"window": 0.5}}).startswith("statistics.window: ")
+    assert error_of({"statistics": {"max-items": 0}}).startswith("statistics.max-items: ")
+    assert error_of({"statistics": {"default-counters": "query"}}).startswith("statistics.default-counters: ")
 
 
 def test_filter_regex_must_compile():
@@ -778,11 +782,10 @@ def test_override_u_after_config_without_inputs(tmp_path):
     assert apply_overrides(base, _args(["--replay", "x.fstrm"])).input.tcp_socket.enable is False
 
 
-def test_override_keeps_warnings_and_returns_new_config():
-    base = config_from_dict({"web-api": {"enable": True}})
+def test_override_returns_a_new_config():
+    base = config_from_dict({})
     cfg = apply_overrides(base, _args(["-v"]))
-    assert cfg.warnings == base.warnings and len(cfg.warnings) == 1
-    assert base.trace.verbose is False
+    assert base.trace.verbose is False and cfg.trace.verbose is True
     assert cfg is not base
 
 
