@@ -725,7 +725,10 @@ def run_receiver(receiver: Receiver, workload: Workload, args: argparse.Namespac
     try:
         port = free_port()
         output = tmp / "dnstap.jsonl"
-        extra = all_transforms(tmp) if args.transforms and receiver.name == OURS else None
+        extra = None
+        if receiver.name == OURS:
+            extra = all_transforms(tmp) if args.transforms else {}
+            extra["statistics"] = {"enable": not args.no_statistics}
         argv = receiver.argv(write_config(tmp, port, output, args.format, extra), port)
         result: dict[str, Any] = {
             "receiver": receiver.label,
@@ -865,6 +868,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=4096, help="distinct pre-serialised frames (default 4096)")
     p.add_argument("--questions", type=int, default=300, help="distinct qname/qtype pairs (default 300)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-statistics", action="store_true",
+                   help="ours with the statistics off (they are on by default)")
     p.add_argument("--transforms", action="store_true",
                    help="ours with every transform enabled (normalize, latency, filter, GeoIP, privacy)")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (config, output, logs)")
