@@ -49,14 +49,6 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def port_listening(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def data_stream(payloads) -> bytes:
     return b"".join(encode_data(p) for p in payloads)
 

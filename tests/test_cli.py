@@ -23,7 +23,8 @@ from conftest import REPO, ReceiverProcess, count_lines, merge
 from core import dnstap_pb2
 from core.formats import format_text
 from core.message import decode
-from fstrm_client import FstrmClient, capture_frames, free_tcp_port, port_listening
+from fstrm_client import FstrmClient, capture_frames, free_tcp_port
+from peers import port_open as port_listening
 
 RUN_TIMEOUT = 60.0
 SIGNAL_EXIT_TIMEOUT = 5.0
