@@ -6,6 +6,9 @@ RUNTIME = [
     "dnspython==2.9.2",
     "PyYAML==6.0.4",
     "orjson==3.13.0",
+    # The HTTP API and Prometheus metrics are on in the default configuration.
+    "aiohttp==3.14.5",
+    "prometheus-client==0.26.0",
 ]
 
 setup(
@@ -23,7 +26,6 @@ setup(
         "geoip": ["geoip2==5.3.0"],
         "kafka": ["kafka-python==3.0.12"],
         "pgsql": ["psycopg2-binary==2.9.13"],
-        "api": ["prometheus-client==0.26.0", "aiohttp==3.14.5"],
     },
     entry_points={"console_scripts": ["dnstap_receiver=pipeline.cli:main"]},
 )

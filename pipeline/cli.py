@@ -106,7 +106,7 @@ def _start_api(config: Config, spec):
     web = config.web_api
     if not web.enable:
         return None
-    from pipeline.http_api import ApiServer  # aiohttp only when the API is on
+    from pipeline.http_api import ApiServer  # imported late: aiohttp is heavy to import
     from pipeline.stats_view import ReceiverStatsView
     from transforms.statistics import get_store
 

@@ -735,7 +735,7 @@ def _web_api(data: Mapping) -> WebApiOptions:
     if options.enable:
         if not options.api_key and not (options.login and options.password):
             raise ConfigError("web-api.api-key: set an api-key or a login and password")
-        from pipeline.http_api import check_exposure  # aiohttp only when the API is on
+        from pipeline.http_api import check_exposure  # imported late: aiohttp is heavy to import
 
         check_exposure(options.local_address, options.api_key, options.password)
     return options
