@@ -9,6 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.config import Config, FilterOptions, NormalizeOptions
 from sinks.file import WriteToFile
+from sinks.metrics import WriteMetrics
 from sinks.stdout import WriteToStdout
 from sources.framestream_io import ReadFromFrameStream
 from sources.listener import HubSpec, TcpServerSpec, UnixServerSpec
@@ -128,6 +129,11 @@ def add_outputs(records, config: Config) -> None:
         f = out.file
         records | "WriteToFile" >> WriteToFile(
             f.file, format=f.format, max_size=f.file_max_size, count=f.file_count
+        )
+    if out.metrics.enable:
+        m = out.metrics
+        records | "WriteMetrics" >> WriteMetrics(
+            interval=m.interval, cumulative=m.cumulative, path=m.file, max_size=m.file_max_size, count=m.file_count
         )
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "SHIPPED_CONFIG",
     "Config",
     "FileOutput",
+    "MetricsOutput",
     "FilterOptions",
     "StatisticsOptions",
     "WebApiOptions",
@@ -92,14 +93,6 @@ _SNIFFER = {
     "forwarder-response-support": True,
 }
 _TCP_CLIENT = {"enable": False, "retry": 1, "remote-address": None, "remote-port": None}
-_METRICS = {
-    "enable": False,
-    "interval": 300,
-    "cumulative": True,
-    "file": None,
-    "file-max-size": "10M",
-    "file-count": 10,
-}
 _OUT_TCP_SOCKET = {
     "enable": False,
     "format": "text",
@@ -241,12 +234,24 @@ class FileOutput:
 
 
 @dataclass(frozen=True)
+class MetricsOutput:
+    """``output.metrics``: one summary line every ``interval`` seconds."""
+
+    enable: bool = False
+    interval: float = 300.0
+    cumulative: bool = True
+    file: str | None = None
+    file_max_size: int = 10485760
+    file_count: int = 10
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """``output``."""
 
     stdout: StdoutOutput = field(default_factory=StdoutOutput)
     file: FileOutput = field(default_factory=FileOutput)
-    metrics: dict = _dict_default(_METRICS)
+    metrics: MetricsOutput = field(default_factory=MetricsOutput)
     tcp_socket: dict = _dict_default(_OUT_TCP_SOCKET)
     syslog: dict = _dict_default(_SYSLOG)
     dnstap: dict = _dict_default(_OUT_DNSTAP)
@@ -361,7 +366,6 @@ class Config:
 # Dict-valued inputs/outputs that exist in 4.7.0 but are not implemented here.
 _UNSUPPORTED_INPUTS = ("sniffer", "tcp-client")
 _UNSUPPORTED_OUTPUTS = (
-    "metrics",
     "tcp-socket",
     "syslog",
     "dnstap",
@@ -672,11 +676,28 @@ def _output(data: Mapping) -> OutputOptions:
                 f"output.file.file: directory does not exist: {os.path.dirname(path) or '.'}"
             )
     file = FileOutput(enable=enable, format=fmt, file=path, file_max_size=max_size, file_count=count)
+    s = _Section(data["metrics"], "output.metrics")
+    interval = s.number("interval", 0)
+    if interval < 1:
+        raise ConfigError(f"output.metrics.interval: expected a number of seconds >= 1, got {_show(interval)}")
+    metrics_file = s.opt_str("file")
+    if s.bool("enable") and metrics_file is not None and not _dirname_exists(metrics_file):
+        raise ConfigError(
+            f"output.metrics.file: directory does not exist: {os.path.dirname(metrics_file) or '.'}"
+        )
+    metrics = MetricsOutput(
+        enable=s.bool("enable"),
+        interval=interval,
+        cumulative=s.bool("cumulative"),
+        file=metrics_file,
+        file_max_size=s.size("file-max-size"),
+        file_count=s.int("file-count", 1),
+    )
     others = {
         name.replace("-", "_"): _unsupported(data[name], f"output.{name}")
         for name in _UNSUPPORTED_OUTPUTS
     }
-    return OutputOptions(stdout=stdout, file=file, **others)
+    return OutputOptions(stdout=stdout, file=file, metrics=metrics, **others)
 
 
 def _existing_file(s: _Section, name: str) -> str | None:

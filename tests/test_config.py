@@ -504,7 +504,7 @@ def test_log_interval():
 
 @pytest.mark.parametrize(
     "section",
-    ["metrics", "tcp-socket", "syslog", "dnstap", "kafka", "rabbitmq", "pgsql", "elasticsearch"],
+    ["tcp-socket", "syslog", "dnstap", "kafka", "rabbitmq", "pgsql", "elasticsearch"],
 )
 def test_unsupported_outputs_refused_when_enabled(section):
     assert error_of({"output": {section: {"enable": True}}}) == (
