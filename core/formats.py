@@ -21,10 +21,13 @@ __all__ = ["FORMATS", "Format", "format_json", "format_text", "format_yaml", "ge
 def format_text(rec: dict) -> bytes:
     """``timestamp identity message rcode query-ip query-port family protocol
     <len>b qname rrtype latency``, plus country/city when GeoIP added them."""
+    latency = rec["latency"]
+    if type(latency) is float:  # 0.000028, not 2.8e-05
+        latency = f"{latency:.6f}"
     line = (
         f"{rec['datetime']} {rec['identity']} {rec['message']} {rec['rcode']} "
         f"{rec['query-ip']} {rec['query-port']} {rec['family']} {rec['protocol']} "
-        f"{rec['length']}b {rec['qname']} {rec['rrtype']} {rec['latency']}"
+        f"{rec['length']}b {rec['qname']} {rec['rrtype']} {latency}"
     )
     if "country" in rec:
         line = f"{line} {rec['country']} {rec['city']}"

@@ -294,3 +294,11 @@ def test_text_line_break_in_identity_cannot_forge_a_line():
     line = format_text(rec)
     assert b"\n" not in line and b"\r" not in line
     assert line.split(b" ")[1] == b"evil\\n2020-01-01T00:00:00+00:00"
+
+
+def test_text_latency_is_written_in_seconds_without_exponent():
+    rec = decode(_client_query())
+    rec["latency"] = 2.8e-05
+    assert format_text(rec).endswith(b" 0.000028")
+    rec["latency"] = 0.048
+    assert format_text(rec).endswith(b" 0.048000")
