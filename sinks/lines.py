@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from core import counters
 from core.formats import get_format
+from core.ratelimit import RateLimitedLog
 
 log = logging.getLogger("dnstap_receiver.output")
 
-_ERROR_LOG_EVERY = 10.0
 
 
 class LineWriterFn(beam.DoFn):
@@ -42,7 +41,7 @@ class LineWriterFn(beam.DoFn):
         self._writer = self.open_writer()
         self._stats = counters.counter_group(f"output.{self.NAME}")
         self._lines = Metrics.counter("dnstap_receiver", f"output_{self.NAME}_lines")
-        self._next_error_log = 0.0
+        self._error_log = RateLimitedLog(log)
 
     def process(self, records):
         fmt = self._format
@@ -73,7 +72,4 @@ class LineWriterFn(beam.DoFn):
             self._writer = None
 
     def _log_error(self, exc: Exception, lost: int) -> None:
-        now = time.monotonic()
-        if now >= self._next_error_log:
-            self._next_error_log = now + _ERROR_LOG_EVERY
-            log.error("output %s: write failed (%s); %d lines dropped", self.NAME, exc, lost)
+        self._error_log(logging.ERROR, "output %s: write failed (%s); %d lines dropped", self.NAME, exc, lost)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from core import counters
 from core.message import UndecodableMessage, decode
+from core.ratelimit import RateLimitedLog
 from transforms.batches import RecordBatch
 
 __all__ = ["DecodeDnstap", "decode_batch"]
@@ -17,27 +17,7 @@ __all__ = ["DecodeDnstap", "decode_batch"]
 log = logging.getLogger("dnstap_receiver.decode")
 
 STATS = counters.counter_group("decode")
-_LOG_EVERY = 10.0  # seconds between two log lines about undecodable frames
-
-
-class _RateLimitedLog:
-    def __init__(self) -> None:
-        self._next = 0.0
-        self._suppressed = 0
-
-    def __call__(self, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += f" ({self._suppressed} similar messages suppressed)"
-        self._suppressed = 0
-        self._next = now + _LOG_EVERY
-        log.warning(msg, *args)
-
-
-_warn = _RateLimitedLog()
+_warn = RateLimitedLog(log)  # about undecodable frames
 
 
 def decode_batch(frames: list[bytes]) -> RecordBatch:
@@ -50,7 +30,7 @@ def decode_batch(frames: list[bytes]) -> RecordBatch:
             rec = decode(frame)
         except UndecodableMessage as exc:
             STATS["undecodable"] += 1
-            _warn("skipping a frame of %d bytes: %s", len(frame), exc)
+            _warn(logging.WARNING, "skipping a frame of %d bytes: %s", len(frame), exc)
             continue
         if rec["malformed"]:
             malformed += 1
