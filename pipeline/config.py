@@ -584,19 +584,7 @@ def _tcp_socket(data: Mapping) -> TcpSocketInput:
         if address not in addresses:
             addresses.append(address)
     port = s.int("local-port", 1, 65535)
-    networks: list[str] = []
-    for item in s.str_list("access-control-list"):
-        try:
-            if not isinstance(item, str):
-                raise ValueError
-            network = str(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            raise ConfigError(
-                f"{s.key('access-control-list')}: expected a network in CIDR notation "
-                f"such as 10.0.0.0/8, got {_show(item)}"
-            ) from None
-        if network not in networks:
-            networks.append(network)
+    networks = _networks(s, "access-control-list", s.str_list("access-control-list"))
     tls = s.bool("tls-support")
     cert = s.opt_str("tls-server-cert")
     key = s.opt_str("tls-server-key")
@@ -612,7 +600,7 @@ def _tcp_socket(data: Mapping) -> TcpSocketInput:
         enable=enable,
         local_address=tuple(addresses),
         local_port=port,
-        access_control_list=tuple(networks),
+        access_control_list=networks,
         tls_support=tls,
         tls_server_cert=cert,
         tls_server_key=key,
@@ -724,12 +712,10 @@ def _names(s: _Section, name: str, known: dict[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _cidrs(s: _Section, name: str) -> tuple[str, ...]:
-    value = s.data[name]
-    if not isinstance(value, list):
-        raise ConfigError(f"{s.key(name)}: expected a list of networks, got {_show(value)}")
-    out = []
-    for item in value:
+def _networks(s: _Section, name: str, items: list) -> tuple[str, ...]:
+    """CIDR strings -> normalised networks, duplicates dropped, order kept."""
+    out: list[str] = []
+    for item in items:
         try:
             if not isinstance(item, str):
                 raise ValueError
@@ -741,6 +727,13 @@ def _cidrs(s: _Section, name: str) -> tuple[str, ...]:
         if network not in out:
             out.append(network)
     return tuple(out)
+
+
+def _cidrs(s: _Section, name: str) -> tuple[str, ...]:
+    value = s.data[name]
+    if not isinstance(value, list):
+        raise ConfigError(f"{s.key(name)}: expected a list of networks, got {_show(value)}")
+    return _networks(s, name, value)
 
 
 def _web_api(data: Mapping) -> WebApiOptions:
