@@ -151,24 +151,26 @@ def _policy(msg) -> dict:
 
 class _IsoSeconds:
     """ISO 8601 rendering with the whole-second part cached: consecutive
-    messages almost always fall in the same second."""
+    messages almost always fall in the same second. The cache is one tuple,
+    replaced whole, so threads decoding at once never pair a second with
+    another second's text."""
 
-    __slots__ = ("sec", "text")
+    __slots__ = ("cached",)
 
     def __init__(self) -> None:
-        self.sec = -1
-        self.text = ""
+        self.cached: tuple[int, str] = (-1, "")
 
     def __call__(self, sec: int, nsec: int) -> str:
         if nsec >= 1_000_000_000:  # out of range: carry it, as the timestamp does
             sec, nsec = sec + nsec // 1_000_000_000, nsec % 1_000_000_000
-        if sec != self.sec:
+        cached_sec, text = self.cached
+        if sec != cached_sec:
             try:
                 text = datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
             except (OverflowError, OSError, ValueError):  # past year 9999
                 return UNKNOWN
-            self.sec, self.text = sec, text
-        return f"{self.text}.{nsec // 1000:06d}+00:00"
+            self.cached = (sec, text)
+        return f"{text}.{nsec // 1000:06d}+00:00"
 
 
 _iso = _IsoSeconds()
