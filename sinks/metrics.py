@@ -17,7 +17,7 @@ import apache_beam as beam
 
 from core.sketches import HyperLogLog
 from sinks.rotating import open_shared, release_shared
-from sinks.stdout import _StdoutWriter
+from sinks.stdout import StdoutWriter
 
 __all__ = ["MetricsLine", "WriteMetrics"]
 
@@ -76,7 +76,7 @@ class _WriteMetricsFn(beam.DoFn):
         self._count = count
 
     def setup(self) -> None:
-        self._writer = open_shared(self._path, self._max_size, self._count) if self._path else _StdoutWriter()
+        self._writer = open_shared(self._path, self._max_size, self._count) if self._path else StdoutWriter()
         self._line = MetricsLine()
         self._since = self._last = time.time()
 

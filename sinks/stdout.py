@@ -9,10 +9,10 @@ import apache_beam as beam
 
 from sinks.lines import LineWriterFn
 
-__all__ = ["WriteToStdout"]
+__all__ = ["StdoutWriter", "WriteToStdout"]
 
 
-class _StdoutWriter:
+class StdoutWriter:
     lock = threading.Lock()
     delimiter = b"\n"
 
@@ -28,7 +28,7 @@ class _WriteStdoutFn(LineWriterFn):
     NAME = "stdout"
 
     def open_writer(self):
-        return _StdoutWriter()
+        return StdoutWriter()
 
 
 class WriteToStdout(beam.PTransform):
