@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import struct
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -870,23 +871,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-statistics", action="store_true",
                    help="ours with the statistics off (they are on by default)")
+    p.add_argument("--statistics-cost", type=int, metavar="N", default=0,
+                   help="ours only, N runs with the statistics on and N with them off, alternating; "
+                        "prints the median msg/s of each and the cost of the statistics")
     p.add_argument("--transforms", action="store_true",
                    help="ours with every transform enabled (normalize, latency, filter, GeoIP, privacy)")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (config, output, logs)")
     args = p.parse_args(argv)
     if args.messages < 1:
         p.error("--messages must be at least 1")
+    if args.statistics_cost and (args.only == REF or args.no_statistics):
+        p.error("--statistics-cost runs ours with and without statistics itself")
     return args
+
+
+def statistics_cost(workload: Workload, args: argparse.Namespace) -> int:
+    """Alternate runs with the statistics on and off (the machine's drift
+    hits both alike) and compare the medians; one run each is too noisy here."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(args.statistics_cost):
+        for on in (True, False):
+            run_args = argparse.Namespace(**{**vars(args), "no_statistics": not on})
+            r = run_receiver(RECEIVERS[OURS], workload, run_args)
+            if r.get("outcome") != "complete" or not r["verify"]["ok"]:
+                print(f"run {i + 1} statistics {'on' if on else 'off'} failed: {r.get('outcome')}")
+                return 1
+            rates[on].append(r["messages_per_second"])
+            log(f"run {i + 1}: statistics {'on ' if on else 'off'} {r['messages_per_second']:,.0f} msg/s")
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    cost = 1 - on / off
+    print(f"statistics on:  median {on:,.0f} msg/s  runs {', '.join(f'{x:,.0f}' for x in rates[True])}")
+    print(f"statistics off: median {off:,.0f} msg/s  runs {', '.join(f'{x:,.0f}' for x in rates[False])}")
+    print(f"cost of the statistics: {cost:.1%} of the throughput")
+    if args.json:
+        args.json.write_text(json.dumps({"messages": workload.messages, "on": rates[True], "off": rates[False],
+                                         "median_on": on, "median_off": off, "cost": round(cost, 4)}, indent=2) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [args.only] if args.only else [OURS, REF]
+    if args.statistics_cost:
+        names = [OURS]
     if REF in names:
         ensure_ref_venv()
     workload = build_workload(args.messages, args.pool, args.questions, args.seed)
     log(f"generated {workload.messages} messages ({len(workload.data) / MB:.1f} MB, pool of "
         f"{workload.pool_size} frames, {workload.distinct_questions} questions) in {workload.seconds:.2f} s")
+    if args.statistics_cost:
+        return statistics_cost(workload, args)
     results = [run_receiver(RECEIVERS[name], workload, args) for name in names]
     print_table(results)
     ratio = ratios(results)

@@ -189,12 +189,15 @@ class LatencyMatcher:
         return ts if cache else float("inf")
 
 
-def _copy(rec: dict) -> DnstapRecord:
+def _copy(rec: dict) -> dict:
     """The unanswered record of a query: a copy taken on arrival, so that the
-    later steps changing the original in place (e.g. privacy) do not reach it."""
-    copy = DnstapRecord(rec)
+    later steps changing the original in place (e.g. privacy) do not reach it;
+    a DnstapRecord keeps its ``raw``."""
     raw = getattr(rec, "raw", None)
-    if raw is not None:
+    if raw is None:
+        copy = dict(rec)
+    else:
+        copy = DnstapRecord(rec)
         copy.raw = raw
     copy["type"] = "unanswered"
     copy["latency"] = UNKNOWN

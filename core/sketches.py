@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Iterable, Mapping
-from itertools import chain, compress, islice
+from itertools import compress, islice, repeat
+from operator import add, and_, is_, rshift
 from typing import Any
 
 __all__ = ["HyperLogLog", "SpaceSaving"]
@@ -24,14 +25,35 @@ except ImportError:  # pragma: no cover - a Python built without it
     _md5 = hashlib.md5
 # Python's own hash() would be faster still, but it is salted per process:
 # sketches built by two workers would not merge. MD5 is the same everywhere.
-# A cache of recent hashes was measured too: slower unless most names repeat
-# across batches (names repeated within a batch are hashed once anyway).
 _from_bytes = int.from_bytes
 _LOW64 = (1 << 64) - 1
+# Items remembered per precision: at most about 10 MB of strings and entries.
+_CACHE_LIMIT = 1 << 16
+_CACHES: dict[int, dict[str, int]] = {}
 
 
 def _encode(item: str) -> bytes:
     return item.encode("utf-8", "surrogatepass")  # lone surrogates too
+
+
+def _hash_ranks(items: Collection[str], p: int) -> dict[str, int]:
+    """{item: register << 7 | rank}, by MD5 (see HyperLogLog)."""
+    try:
+        digests = map(_md5, map(str.encode, items))
+        return _ranks(items, digests, p)
+    except UnicodeEncodeError:  # a lone surrogate: rare, slower path
+        return _ranks(items, map(_md5, map(_encode, items)), p)
+
+
+def _ranks(items: Iterable[str], digests: Iterable, p: int) -> dict[str, int]:
+    shift = 128 - p
+    low = _LOW64
+    from_bytes = _from_bytes
+    out = {}
+    for item, digest in zip(items, digests):
+        h = from_bytes(digest.digest(), "big")
+        out[item] = (h >> shift) << 7 | (65 - (h & low).bit_length())
+    return out
 
 
 class HyperLogLog:
@@ -57,28 +79,30 @@ class HyperLogLog:
 
     @staticmethod
     def register_updates(items: Iterable[str], p: int) -> dict[int, int]:
-        """{register index: highest rank} for the distinct ``items``."""
-        if not isinstance(items, Collection):  # read twice on the slow path
-            items = list(items)
-        try:
-            return HyperLogLog._updates(map(str.encode, items), p)
-        except UnicodeEncodeError:  # a lone surrogate: rare, slower path
-            return HyperLogLog._updates(map(_encode, items), p)
+        """{register index: highest rank} for the distinct ``items``.
 
-    @staticmethod
-    def _updates(encoded: Iterable[bytes], p: int) -> dict[int, int]:
-        shift = 128 - p
-        low = _LOW64
-        updates: dict[int, int] = {}
-        get = updates.get
-        from_bytes = _from_bytes
-        for digest in map(_md5, encoded):
-            h = from_bytes(digest.digest(), "big")
-            idx = h >> shift
-            rank = 65 - (h & low).bit_length()
-            if rank > get(idx, 0):
-                updates[idx] = rank
-        return updates
+        Each item's (register, rank) is remembered in a bounded cache
+        shared by every sketch of precision ``p``: live traffic repeats its
+        clients and names from batch to batch, and a dict lookup costs a
+        fifth of hashing. The updates are then built by C loops: packed
+        ``register << 7 | rank`` values sorted ascending and turned into a
+        dict, where the highest rank of each register is the one kept."""
+        if not isinstance(items, Collection):  # read twice on a cache miss
+            items = list(items)
+        cache = _CACHES.get(p)
+        if cache is None:
+            cache = _CACHES.setdefault(p, {})
+        packed = list(map(cache.get, items))
+        if None in packed:
+            misses = list(compress(items, map(is_, packed, repeat(None))))
+            found = _hash_ranks(misses, p)
+            if len(cache) + len(found) > _CACHE_LIMIT:
+                cache.clear()  # cheaper than LRU bookkeeping on every hit
+            cache.update(found)
+            packed = list(filter(None, packed))
+            packed.extend(found.values())
+        packed.sort()
+        return dict(zip(map(rshift, packed, repeat(7)), map(and_, packed, repeat(127))))
 
     def apply(self, updates: Mapping[int, int]) -> None:
         """Apply the output of ``register_updates`` (same ``p``)."""
@@ -140,27 +164,25 @@ class SpaceSaving:
     table's minimum, ``floor``). While the table has room every count is
     exact.
 
-    Why the buffer: classic Space-Saving replaces the current minimum for
-    each new key, which needs a heap or bucket list kept up to date on every
-    increment. Here keys already in the table are incremented in place, and
-    new keys arriving while it is full are counted exactly in a side buffer;
-    when the buffer holds 2 * ``capacity`` keys, table and buffer are merged as
-    two summaries (a buffered key counts ``floor + its count``, since before
-    the buffer it had at most ``floor``) and the ``capacity`` largest kept.
-    The merge keeps both invariants the guarantee rests on (the sum of
+    Why not the classic form: it replaces the current minimum for each new
+    key, which needs a heap or bucket list kept up to date on every
+    increment. Here every key goes into one dict: a key already there is
+    incremented, a new one starts at ``floor`` (its true count so far is at
+    most that). When the dict holds 3 * ``capacity`` keys it is compacted to
+    the ``capacity`` largest, and the largest count dropped becomes the new
+    floor. Both invariants the guarantee rests on hold throughout (the sum of
     counts never exceeds N; a key not in the table has true count at most
     ``floor``), at an amortised cost of a sort of 1.5 entries per new key.
     """
 
-    __slots__ = ("capacity", "counts", "pending", "floor", "total")
+    __slots__ = ("capacity", "counts", "floor", "total")
 
     def __init__(self, capacity: int = 1000) -> None:
         if capacity < 1:
             raise ValueError(f"SpaceSaving capacity must be >= 1, got {capacity!r}")
         self.capacity = capacity
-        self.counts: dict[Any, int] = {}  # the table: key -> estimated count
-        self.pending: dict[Any, int] = {}  # keys seen while the table is full -> exact count
-        self.floor = 0  # every key not in counts/pending has a true count <= floor
+        self.counts: dict[Any, int] = {}  # key -> estimated count; at most 3 * capacity keys
+        self.floor = 0  # every key not in counts has a true count <= floor
         self.total = 0  # N, the total weight added
 
     def add(self, key: Any, weight: int = 1) -> None:
@@ -169,77 +191,33 @@ class SpaceSaving:
     def update(self, weights: Mapping[Any, int]) -> None:
         """Add every (key, weight) of ``weights``: a batch's Counter.
 
-        Written for CPython's C loops (filter, dict.update from a dict):
-        about 50 ns per key already in the table, 200 ns per new key once the
-        table is full (buffering and compaction included)."""
-        counts = self.counts
+        One C loop (dict.update over a zip of maps): about 60 ns per key,
+        plus the amortised compaction for new keys once the table is full."""
         self.total += sum(weights.values())
-        known = list(filter(counts.__contains__, weights))
-        if known:
-            for key in known:
-                counts[key] += weights[key]
-            if len(known) == len(weights):
-                return
-            new = dict(weights)
-            for key in known:
-                del new[key]
-        else:
-            new = weights
-        room = self.capacity - len(counts)
-        if room > 0:  # floor is 0 until the table is first full
-            if len(new) <= room:
-                counts.update(new)
-                return
-            items = list(new.items())
-            counts.update(items[:room])
-            new = dict(items[room:])
-        pending = self.pending
-        if pending and not pending.keys().isdisjoint(new):
-            again = pending.keys() & new.keys()
-            new = dict(new)
-            for key in again:
-                pending[key] += new.pop(key)
-        pending.update(new)
-        if len(pending) >= 2 * self.capacity:
-            self._compact()
+        counts = self.counts
+        counts.update(zip(weights, map(add, map(counts.get, weights, repeat(self.floor)), weights.values())))
+        if len(counts) >= 3 * self.capacity:
+            self.compact()
 
     def compact(self) -> None:
-        """Merge the buffer into the table, keeping the ``capacity`` largest
-        (memory down to ``capacity`` entries; answers unchanged)."""
+        """Keep the ``capacity`` largest (memory down to ``capacity`` entries;
+        answers unchanged)."""
         self.counts, self.floor = self._compacted()
-        self.pending = {}
-
-    _compact = compact
 
     def _compacted(self) -> tuple[dict[Any, int], int]:
-        """(table, floor) after merging the buffer in (a buffered key counts
-        floor + its count); changes nothing, so that readers of a shared
-        summary never race each other."""
-        counts, pending, floor = self.counts, self.pending, self.floor
-        capacity = self.capacity
-        if len(counts) + len(pending) <= capacity:
-            if not pending:
-                return counts, floor
-            merged = dict(counts)
-            merged.update(zip(pending, map(floor.__add__, pending.values())))
-            return merged, floor
-        # The capacity-th largest count is the new floor. Keys above it are
-        # kept, then keys at it in table order (older keys first, buffer
-        # last), which needs no sort of the keys. Buffered counts are
-        # compared as count > new floor - floor: only survivors are rebuilt.
-        new_floor = sorted(chain(counts.values(), map(floor.__add__, pending.values())))[-capacity]
+        """(table, floor) of the ``capacity`` largest; changes nothing, so
+        that readers of a shared summary never race each other."""
+        counts, capacity = self.counts, self.capacity
+        if len(counts) <= capacity:
+            return counts, self.floor
+        # The capacity-th largest count is the new floor (no count is below
+        # the old one). Keys above it are kept, then keys at it in insertion
+        # order (older keys first), which needs no sort of the keys.
+        new_floor = sorted(counts.values())[-capacity]
         kept = dict(compress(counts.items(), map(new_floor.__lt__, counts.values())))
-        cut = new_floor - floor
-        if pending:
-            above = list(map(cut.__lt__, pending.values()))
-            kept.update(zip(compress(pending, above), map(floor.__add__, compress(pending.values(), above))))
         room = capacity - len(kept)
         if room > 0:
             kept.update(islice(compress(counts.items(), map(new_floor.__eq__, counts.values())), room))
-            room = capacity - len(kept)
-            if room > 0 and pending:
-                ties = islice(compress(pending, map(cut.__eq__, pending.values())), room)
-                kept.update(dict.fromkeys(ties, new_floor))
         return kept, new_floor
 
     def merge(self, other: SpaceSaving) -> None:
@@ -247,7 +225,7 @@ class SpaceSaving:
         missing from one full table counts that table's floor (an upper bound
         of its count there), so counts stay upper bounds; the largest
         ``capacity`` are kept (the error bound stays N / capacity)."""
-        self._compact()
+        self.compact()
         mine = self.counts
         theirs, their_floor = other._compacted()
         my_floor = self.floor
@@ -260,7 +238,7 @@ class SpaceSaving:
         # merged count is at least that, so the compaction keeps this bound.
         self.floor = my_floor + their_floor
         self.total += other.total
-        self._compact()
+        self.compact()
 
     def top(self, n: int | None = None) -> list[tuple[Any, int]]:
         """The ``n`` heaviest (key, count), count descending then key."""
@@ -269,29 +247,27 @@ class SpaceSaving:
 
     def estimate(self, key: Any) -> int:
         """Upper bound of the count of ``key`` (``floor`` if not monitored)."""
-        if key in self.pending:
-            return self.floor + self.pending[key]
         return self.counts.get(key, self.floor)
 
     @property
     def exact(self) -> bool:
-        """True while no key was ever dropped: every count is exact."""
-        return self.floor == 0 and not self.pending
+        """True while no key was ever dropped (and none has to be): every
+        count is exact."""
+        return self.floor == 0 and len(self.counts) <= self.capacity
 
     def __len__(self) -> int:
-        return len(self.counts) + len(self.pending)
+        return len(self.counts)
 
     def copy(self) -> SpaceSaving:
         new = SpaceSaving.__new__(SpaceSaving)
         new.capacity = self.capacity
         new.counts = dict(self.counts)
-        new.pending = dict(self.pending)
         new.floor = self.floor
         new.total = self.total
         return new
 
     def __getstate__(self) -> tuple:
-        return (self.capacity, self.counts, self.pending, self.floor, self.total)
+        return (self.capacity, self.counts, self.floor, self.total)
 
     def __setstate__(self, state: tuple) -> None:
-        self.capacity, self.counts, self.pending, self.floor, self.total = state
+        self.capacity, self.counts, self.floor, self.total = state

@@ -96,6 +96,7 @@ _FIELDS = itemgetter(
     "type", "family", "protocol", "rcode", "rrtype", "qname", "query-ip", "length", "latency", "malformed", "timestamp"
 )
 _IDENTITY = itemgetter("identity")
+_TIMESTAMP = itemgetter("timestamp")
 _third = itemgetter(2)
 
 
@@ -172,17 +173,18 @@ def summarize(records: Sequence[dict], config: StatsConfig) -> BatchSummary:
     if not records:
         return s
     rows = list(map(_FIELDS, records))
-    types = [row[0] for row in rows]
-    type_counts = _tally(types)
+    columns = list(zip(*rows))
+    type_counts = _tally(columns[0])
     if type_counts.keys() - _QR:
         # Rare: unanswered copies (or a type we do not know) count only as such.
-        s.counts["unanswered"] = type_counts.pop("unanswered", 0)
-        if not s.counts["unanswered"]:
-            del s.counts["unanswered"]
+        unanswered = type_counts.pop("unanswered", 0)
+        if unanswered:
+            s.counts["unanswered"] = unanswered
         rows = [row for row in rows if row[0] == "query" or row[0] == "response"]
         if not rows:
             return s
-    types, families, protocols, rcodes, rrtypes, qnames, ips, lengths, latencies, malformed, stamps = zip(*rows)
+        columns = list(zip(*rows))
+    types, families, protocols, rcodes, rrtypes, qnames, ips, lengths, latencies, malformed, stamps = columns
     counts = s.counts
     for qr in _QR:
         if qr in type_counts:
@@ -213,18 +215,25 @@ def summarize(records: Sequence[dict], config: StatsConfig) -> BatchSummary:
         for (qr, bucket), n in _tally(zip(compress(types, timed), buckets)).items():
             counts[f"{qr}/{LATENCY_BUCKETS[bucket]}"] = n
 
-    # Domains: a table per (qr, rcode), counted by C loops, one pass per
-    # table (a batch has a handful: query NOERROR, response NOERROR, ...).
+    # Domains: a table per (qr, rcode), from one C count of the distinct
+    # (qr, rcode, qname); rcodes are lowercased once per table.
     if config.qname_lowercase:
-        qnames = list(map(str.lower, qnames))
-    pairs = list(zip(types, rcodes))
+        qnames = map(str.lower, qnames)
     tables = s.domain_tables
-    if len(rcode_counts) == 1:
-        only = pairs[0]
-        tables[(only[0], only[1].lower())] = _tally(qnames)
-    else:
-        for pair in _tally(pairs):
-            tables[(pair[0], pair[1].lower())] = _tally(compress(qnames, map(pair.__eq__, pairs)))
+    by_pair: dict[tuple[str, str], dict[str, int]] = {}
+    for (qr, rcode, qname), n in _tally(zip(types, rcodes, qnames)).items():
+        table = by_pair.get((qr, rcode))
+        if table is None:
+            table = by_pair[(qr, rcode)] = {}
+        table[qname] = n
+    for (qr, rcode), table in by_pair.items():
+        key = (qr, rcode.lower())
+        if key in tables:  # rcodes spelled two ways: merged
+            merged = tables[key]
+            for qname, n in table.items():
+                merged[qname] = merged.get(qname, 0) + n
+        else:
+            tables[key] = table
     distinct: set[str] = set()
     for table in tables.values():
         table.pop(UNKNOWN, None)
@@ -647,7 +656,7 @@ def split_by_window(records: Sequence[dict], window_seconds: float) -> list[tupl
     in the common case of a batch inside one window)."""
     if not records:
         return []
-    stamps = [rec["timestamp"] for rec in records]
+    stamps = list(map(_TIMESTAMP, records))
     lo = window_index(min(stamps), window_seconds)
     if lo == window_index(max(stamps), window_seconds):
         return [(lo, records)]

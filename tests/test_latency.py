@@ -183,7 +183,17 @@ def test_unanswered_after_timeout_is_emitted_once():
     assert m.process([late]) == [late]  # not emitted again; its response is late
     assert late["latency"] == "-" and m.counters["late"] == 1
     assert [r["id"] for r in m.flush(None)] == [1, 2]
+
     assert m.flush(None) == [] and m.counters["unanswered"] == 3
+
+
+def test_unanswered_copy_of_a_plain_record_is_plain():
+    m = _matcher(timeout=10)
+    q = dict(_rec(ts=100.0))  # decoded without keep_raw
+    m.process([q])
+    (unanswered,) = m.process([_rec(ts=111.0, id=3)])[1:]
+    assert type(unanswered) is dict and unanswered["type"] == "unanswered"
+    assert q["type"] == "query"
 
 
 def test_unanswered_copy_is_taken_on_arrival():

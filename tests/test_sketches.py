@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core import sketches
 from core.sketches import HyperLogLog, SpaceSaving
 
 # -- HyperLogLog --------------------------------------------------------------
@@ -76,6 +77,37 @@ def test_hll_pickle_and_copy():
     c = h.copy()
     c.update(_items(5000, 10_000))
     assert bytes(h.registers) == before and c.count() > h.count()
+
+
+def test_hll_cached_ranks_equal_fresh_ones(monkeypatch):
+    """Items met again are answered from the cache: same registers as hashing."""
+    items = _items(0, 3000)
+    monkeypatch.setattr(sketches, "_CACHES", {})
+    fresh = HyperLogLog.register_updates(items, 14)
+    assert len(sketches._CACHES[14]) == 3000
+    again = HyperLogLog.register_updates(list(reversed(items)), 14)
+    mixed = HyperLogLog.register_updates(_items(2000, 4000), 14)
+    assert again == fresh
+    expected = {}
+    for item in _items(2000, 4000):
+        value = int.from_bytes(hashlib.md5(item.encode()).digest(), "big")
+        index, rank = value >> (128 - 14), 65 - (value & ((1 << 64) - 1)).bit_length()
+        expected[index] = max(expected.get(index, 0), rank)
+    assert mixed == expected
+
+
+def test_hll_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(sketches, "_CACHES", {})
+    monkeypatch.setattr(sketches, "_CACHE_LIMIT", 500)
+    cached = HyperLogLog(12)
+    for i in range(0, 5000, 300):
+        cached.update(_items(i, i + 300))
+        assert len(sketches._CACHES[12]) <= 500
+    monkeypatch.setattr(sketches, "_CACHES", {})
+    monkeypatch.setattr(sketches, "_CACHE_LIMIT", 1 << 20)
+    plain = HyperLogLog(12)
+    plain.update(_items(0, 5100))
+    assert cached.registers == plain.registers
 
 
 def test_hll_odd_strings():
