@@ -17,8 +17,8 @@ cd "$(dirname "$0")"
 
 log() { echo "run_tests.sh: $*" >&2; }
 
-PEER_PROGRAMS=(unbound fstrm_replay fstrm_capture dnstap-ldns dnstap dnsperf dig ip unshare prometheus)
-PEER_PACKAGES=(unbound fstrm-bin dnstap-ldns golang-github-dnstap-golang-dnstap-cli dnsperf bind9-dnsutils iproute2 util-linux prometheus)
+PEER_PROGRAMS=(unbound fstrm_replay fstrm_capture dnstap-ldns dnstap dnsperf dig ip unshare prometheus rsyslogd)
+PEER_PACKAGES=(unbound fstrm-bin dnstap-ldns golang-github-dnstap-golang-dnstap-cli dnsperf bind9-dnsutils iproute2 util-linux prometheus rsyslog postgresql)
 SBIN_PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 . scripts/ensure_venv.sh
@@ -29,6 +29,10 @@ have() { PATH="$SBIN_PATH" command -v "$1" >/dev/null 2>&1; }
 apt_packages=()
 for prog in "${PEER_PROGRAMS[@]}"; do
     if ! have "$prog"; then apt_packages=("${PEER_PACKAGES[@]}"); break; fi
+done
+# PostgreSQL's server programs are not on PATH.
+for initdb in /usr/lib/postgresql/*/bin/initdb; do
+    [ -x "$initdb" ] || apt_packages=("${PEER_PACKAGES[@]}")
 done
 if [ ! -x .venv/bin/python ]; then
     py="$(pick_python || true)"

@@ -8,9 +8,14 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.config import Config, FilterOptions, NormalizeOptions
+from sinks.dnstap import WriteToDnstap
 from sinks.file import WriteToFile
+from sinks.kafka import WriteToKafka
 from sinks.metrics import WriteMetrics
+from sinks.pgsql import WriteToPostgres
 from sinks.stdout import WriteToStdout
+from sinks.syslog import WriteToSyslog
+from sinks.tcp import WriteToTcp
 from sources.framestream_io import ReadFromFrameStream
 from sources.listener import HubSpec, TcpServerSpec, UnixServerSpec
 from transforms.decode import DecodeDnstap
@@ -135,6 +140,21 @@ def add_outputs(records, config: Config) -> None:
         records | "WriteMetrics" >> WriteMetrics(
             interval=m.interval, cumulative=m.cumulative, path=m.file, max_size=m.file_max_size, count=m.file_count
         )
+    if out.tcp_socket.enable:
+        records | "WriteToTcp" >> WriteToTcp(out.tcp_socket)
+    if out.syslog.enable:
+        records | "WriteToSyslog" >> WriteToSyslog(out.syslog)
+    if out.dnstap.enable:
+        privacy = config.privacy
+        if privacy.anonymize_ip or privacy.hash_ip or privacy.minimize_qname:
+            log.warning("output.dnstap forwards the original dnstap messages: the privacy settings "
+                        "do not apply to them (real addresses and names go to %s)",
+                        out.dnstap.sock_path or f"{out.dnstap.remote_address}:{out.dnstap.remote_port}")
+        records | "WriteToDnstap" >> WriteToDnstap(out.dnstap)
+    if out.kafka.enable:
+        records | "WriteToKafka" >> WriteToKafka(out.kafka)
+    if out.pgsql.enable:
+        records | "WriteToPostgres" >> WriteToPostgres(out.pgsql)
 
 
 def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec | None = None) -> beam.Pipeline:
@@ -144,7 +164,8 @@ def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec 
     records = (
         p
         | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
-        | "DecodeDnstap" >> DecodeDnstap()
+        # Forwarding dnstap needs each message's original bytes.
+        | "DecodeDnstap" >> DecodeDnstap(keep_raw=config.output.dnstap.enable)
     )
     records = add_transforms(records, config)
     if config.statistics.enable:

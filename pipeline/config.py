@@ -40,6 +40,7 @@ import yaml
 from core.errors import ConfigError
 from core.formats import FORMATS
 from core.message import MESSAGE_TYPES
+from sinks.delivery import DeliveryOptions
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -93,32 +94,7 @@ _SNIFFER = {
     "forwarder-response-support": True,
 }
 _TCP_CLIENT = {"enable": False, "retry": 1, "remote-address": None, "remote-port": None}
-_OUT_TCP_SOCKET = {
-    "enable": False,
-    "format": "text",
-    "delimiter": "\n",
-    "retry": 5,
-    "remote-address": None,
-    "remote-port": None,
-}
-_SYSLOG = {
-    "enable": False,
-    "transport": "udp",
-    "format": "text",
-    "retry": 5,
-    "remote-address": None,
-    "remote-port": None,
-}
-_OUT_DNSTAP = {
-    "enable": False,
-    "retry": 1,
-    "remote-address": None,
-    "remote-port": None,
-    "dnstap-identity": "dnstap-receiver",
-}
 _KAFKA = {
-    "enable": False,
-    "format": "json",
     "rdkafka-config": {
         "bootstrap.servers": None,
         "security.protocol": None,
@@ -126,7 +102,6 @@ _KAFKA = {
         "sasl.username": None,
         "sasl.password": None,
     },
-    "topic": None,
 }
 _RABBITMQ = {
     "enable": False,
@@ -143,17 +118,6 @@ _RABBITMQ = {
     "routing-key": None,
     "retry-count": 2,
     "retry-delay": 0.5,
-}
-_PGSQL = {
-    "enable": False,
-    "retry": 1,
-    "dsn": "postgres://postgres@localhost:5432/postgres",
-    "passfile": "~/.pgpass",
-    "min_size": 5,
-    "max_size": 10,
-    "busy_wait": 1.0,
-    "timeout": 60,
-    "userfuncfile": None,
 }
 _ELASTICSEARCH = {"enable": False, "url": None}
 
@@ -245,6 +209,109 @@ class MetricsOutput:
     file_count: int = 10
 
 
+def _yaml(key: str, default: Any) -> Any:
+    """A field whose YAML key is not its name with "_" -> "-" (4.7.0's
+    output.pgsql spells some keys with underscores)."""
+    return field(default=default, metadata={"key": key})
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """Keys every network output has (see sinks/delivery.py)."""
+
+    retry: float = 5.0
+    buffer_size: int = 100_000
+    flush_timeout: float = 10.0
+
+    def delivery(self) -> DeliveryOptions:
+        return DeliveryOptions(retry=self.retry, buffer_size=self.buffer_size, flush_timeout=self.flush_timeout)
+
+
+@dataclass(frozen=True)
+class TcpSocketOutput(_Delivery):
+    """``output.tcp-socket``: formatted lines to a remote TCP server."""
+
+    enable: bool = False
+    format: str = "text"
+    delimiter: str = "\n"
+    remote_address: str | None = None
+    remote_port: int | None = None
+
+
+SYSLOG_FACILITIES = (
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+    "ftp", "ntp", "security", "console", "solaris-cron",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+)
+SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+
+
+@dataclass(frozen=True)
+class SyslogOutput(_Delivery):
+    """``output.syslog``: one syslog message per record (RFC 5424 or 3164)."""
+
+    enable: bool = False
+    transport: str = "udp"
+    format: str = "text"
+    remote_address: str | None = None
+    remote_port: int | None = None
+    rfc: str = "5424"
+    facility: str = "daemon"
+    severity: str = "info"
+    app_name: str = "dnstap-receiver"
+    hostname: str | None = None
+    framing: str = "octet-counted"
+
+
+@dataclass(frozen=True)
+class DnstapOutput(_Delivery):
+    """``output.dnstap``: the original dnstap messages, Frame Streams to
+    another receiver over TCP (optionally TLS) or a unix socket."""
+
+    enable: bool = False
+    retry: float = 1.0
+    remote_address: str | None = None
+    remote_port: int | None = None
+    sock_path: str | None = None
+    dnstap_identity: str | None = None
+    tls_support: bool = False
+    tls_ca_file: str | None = None
+    tls_insecure: bool = False
+
+
+KAFKA_MESSAGE_KEYS = ("qname", "query-ip", "response-ip", "identity")
+
+
+@dataclass(frozen=True)
+class KafkaOutput(_Delivery):
+    """``output.kafka``: one Kafka message per record. ``rdkafka-config``
+    holds 4.7.0's librdkafka settings; ``producer`` is what they map to in
+    kafka-python (see ``kafka_producer_settings``)."""
+
+    enable: bool = False
+    format: str = "json"
+    rdkafka_config: dict = _dict_default(_KAFKA["rdkafka-config"])
+    topic: str | None = None
+    key: str | None = None
+    producer: dict = field(default_factory=dict, compare=False, metadata={"derived": True})
+
+
+@dataclass(frozen=True)
+class PgsqlOutput(_Delivery):
+    """``output.pgsql``: rows in a PostgreSQL table (psycopg2)."""
+
+    enable: bool = False
+    retry: float = 1.0
+    dsn: str = "postgres://postgres@localhost:5432/postgres"
+    passfile: str | None = "~/.pgpass"
+    min_size: int = _yaml("min_size", 5)
+    max_size: int = _yaml("max_size", 10)
+    busy_wait: float = _yaml("busy_wait", 1.0)
+    timeout: float = 60.0
+    userfuncfile: str | None = None
+    table: str = "dnstap"
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """``output``."""
@@ -252,12 +319,12 @@ class OutputOptions:
     stdout: StdoutOutput = field(default_factory=StdoutOutput)
     file: FileOutput = field(default_factory=FileOutput)
     metrics: MetricsOutput = field(default_factory=MetricsOutput)
-    tcp_socket: dict = _dict_default(_OUT_TCP_SOCKET)
-    syslog: dict = _dict_default(_SYSLOG)
-    dnstap: dict = _dict_default(_OUT_DNSTAP)
-    kafka: dict = _dict_default(_KAFKA)
+    tcp_socket: TcpSocketOutput = field(default_factory=TcpSocketOutput)
+    syslog: SyslogOutput = field(default_factory=SyslogOutput)
+    dnstap: DnstapOutput = field(default_factory=DnstapOutput)
+    kafka: KafkaOutput = field(default_factory=KafkaOutput)
     rabbitmq: dict = _dict_default(_RABBITMQ)
-    pgsql: dict = _dict_default(_PGSQL)
+    pgsql: PgsqlOutput = field(default_factory=PgsqlOutput)
     elasticsearch: dict = _dict_default(_ELASTICSEARCH)
 
 
@@ -365,15 +432,7 @@ class Config:
 
 # Dict-valued inputs/outputs that exist in 4.7.0 but are not implemented here.
 _UNSUPPORTED_INPUTS = ("sniffer", "tcp-client")
-_UNSUPPORTED_OUTPUTS = (
-    "tcp-socket",
-    "syslog",
-    "dnstap",
-    "kafka",
-    "rabbitmq",
-    "pgsql",
-    "elasticsearch",
-)
+_UNSUPPORTED_OUTPUTS = ("rabbitmq", "elasticsearch")
 
 # --------------------------------------------------------------------------
 # Value helpers
@@ -685,7 +744,221 @@ def _output(data: Mapping) -> OutputOptions:
         name.replace("-", "_"): _unsupported(data[name], f"output.{name}")
         for name in _UNSUPPORTED_OUTPUTS
     }
-    return OutputOptions(stdout=stdout, file=file, metrics=metrics, **others)
+    return OutputOptions(
+        stdout=stdout,
+        file=file,
+        metrics=metrics,
+        tcp_socket=_out_tcp_socket(data["tcp-socket"]),
+        syslog=_out_syslog(data["syslog"]),
+        dnstap=_out_dnstap(data["dnstap"]),
+        kafka=_out_kafka(data["kafka"]),
+        pgsql=_out_pgsql(data["pgsql"]),
+        **others,
+    )
+
+
+def _delivery(s: _Section) -> dict:
+    return {
+        "retry": s.number("retry", 0.01),
+        "buffer_size": s.int("buffer-size", 1),
+        "flush_timeout": s.number("flush-timeout", 0),
+    }
+
+
+def _remote(s: _Section, enable: bool, required: bool = True) -> dict:
+    """remote-address and remote-port, required when enabled."""
+    address = s.opt_str("remote-address")
+    port = s.data["remote-port"]
+    if port is not None:
+        port = s.int("remote-port", 1, 65535)
+    if enable and required and (address is None or port is None):
+        missing = "remote-address" if address is None else "remote-port"
+        raise ConfigError(f"{s.key(missing)}: required when {s.prefix}.enable is true")
+    return {"remote_address": address, "remote_port": port}
+
+
+def _out_tcp_socket(data: Mapping) -> TcpSocketOutput:
+    s = _Section(data, "output.tcp-socket")
+    enable = s.bool("enable")
+    delimiter = data["delimiter"]
+    if not isinstance(delimiter, str):
+        raise ConfigError(f"{s.key('delimiter')}: expected a string, got {_show(delimiter)}")
+    return TcpSocketOutput(
+        enable=enable,
+        format=s.choice("format", OUTPUT_FORMATS),
+        delimiter=delimiter,
+        **_remote(s, enable),
+        **_delivery(s),
+    )
+
+
+def _out_syslog(data: Mapping) -> SyslogOutput:
+    s = _Section(data, "output.syslog")
+    enable = s.bool("enable")
+    rfc = str(data["rfc"]) if _is_int(data["rfc"]) else data["rfc"]
+    if rfc not in ("5424", "3164"):
+        raise ConfigError(f"{s.key('rfc')}: expected 5424 or 3164, got {_show(data['rfc'])}")
+    app_name = s.opt_str("app-name")
+    if app_name is None or len(app_name) > 48 or not all(33 <= ord(c) <= 126 for c in app_name):
+        raise ConfigError(f"{s.key('app-name')}: expected 1 to 48 printable ASCII characters, got {_show(app_name)}")
+    hostname = s.opt_str("hostname")
+    if hostname is not None and (len(hostname) > 255 or not all(33 <= ord(c) <= 126 for c in hostname)):
+        raise ConfigError(f"{s.key('hostname')}: expected 1 to 255 printable ASCII characters, got {_show(hostname)}")
+    return SyslogOutput(
+        enable=enable,
+        transport=s.choice("transport", ("udp", "tcp")),
+        format=s.choice("format", ("text", "json")),
+        rfc=rfc,
+        facility=s.choice("facility", SYSLOG_FACILITIES),
+        severity=s.choice("severity", SYSLOG_SEVERITIES),
+        app_name=app_name,
+        hostname=hostname,
+        framing=s.choice("framing", ("octet-counted", "non-transparent")),
+        **_remote(s, enable),
+        **_delivery(s),
+    )
+
+
+def _out_dnstap(data: Mapping) -> DnstapOutput:
+    s = _Section(data, "output.dnstap")
+    enable = s.bool("enable")
+    sock_path = s.opt_str("sock-path")
+    tls = s.bool("tls-support")
+    if sock_path is not None and tls:
+        raise ConfigError(f"{s.key('tls-support')}: TLS is for TCP, not with output.dnstap.sock-path")
+    ca_file = s.opt_str("tls-ca-file")
+    if enable and ca_file is not None and not os.path.isfile(ca_file):
+        raise ConfigError(f"{s.key('tls-ca-file')}: no such file: {ca_file}")
+    return DnstapOutput(
+        enable=enable,
+        sock_path=sock_path,
+        dnstap_identity=s.opt_str("dnstap-identity"),
+        tls_support=tls,
+        tls_ca_file=ca_file,
+        tls_insecure=s.bool("tls-insecure"),
+        **_remote(s, enable, required=sock_path is None),
+        **_delivery(s),
+    )
+
+
+# librdkafka settings (4.7.0's rdkafka-config) -> kafka-python KafkaProducer
+# arguments. null values are left out (4.7.0's file lists some as null).
+_RDKAFKA_SETTINGS = {
+    "bootstrap.servers": "bootstrap_servers",
+    "client.id": "client_id",
+    "security.protocol": "security_protocol",
+    "sasl.mechanism": "sasl_mechanism",
+    "sasl.mechanisms": "sasl_mechanism",
+    "sasl.username": "sasl_plain_username",
+    "sasl.password": "sasl_plain_password",
+    "ssl.ca.location": "ssl_cafile",
+    "ssl.certificate.location": "ssl_certfile",
+    "ssl.key.location": "ssl_keyfile",
+    "ssl.key.password": "ssl_password",
+    "acks": "acks",
+    "request.required.acks": "acks",
+    "compression.type": "compression_type",
+    "compression.codec": "compression_type",
+    "linger.ms": "linger_ms",
+    "queue.buffering.max.ms": "linger_ms",
+    "batch.size": "batch_size",
+    "message.max.bytes": "max_request_size",
+    "retries": "retries",
+    "message.send.max.retries": "retries",
+    "retry.backoff.ms": "retry_backoff_ms",
+    "request.timeout.ms": "request_timeout_ms",
+    "metadata.max.age.ms": "metadata_max_age_ms",
+    "connections.max.idle.ms": "connections_max_idle_ms",
+    "max.in.flight.requests.per.connection": "max_in_flight_requests_per_connection",
+    "enable.idempotence": "enable_idempotence",
+}
+_KAFKA_COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
+
+
+def kafka_producer_settings(rdkafka: Mapping, prefix: str = "output.kafka.rdkafka-config") -> dict:
+    """kafka-python KafkaProducer arguments for 4.7.0's librdkafka settings;
+    ConfigError naming the key for one that has no equivalent."""
+    out: dict[str, Any] = {}
+    for key, value in rdkafka.items():
+        if value is None:
+            continue
+        target = _RDKAFKA_SETTINGS.get(key)
+        if target is None:
+            hint = difflib.get_close_matches(str(key), _RDKAFKA_SETTINGS, 1)
+            raise ConfigError(
+                f"{prefix}.{key}: not supported (no kafka-python equivalent)"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        if target == "bootstrap_servers":
+            value = [v.strip() for v in str(value).split(",") if v.strip()] if isinstance(value, str) else value
+        elif target == "security_protocol" or target == "sasl_mechanism":
+            value = str(value).upper()
+        elif target == "compression_type":
+            value = str(value).lower()
+            if value not in _KAFKA_COMPRESSION:
+                raise ConfigError(f"{prefix}.{key}: expected one of {', '.join(_KAFKA_COMPRESSION)}, got {_show(value)}")
+            value = None if value == "none" else value
+        elif target == "acks":
+            value = "all" if str(value) in ("all", "-1") else value
+        out[target] = value
+    return out
+
+
+def _out_kafka(data: Mapping) -> KafkaOutput:
+    s = _Section(data, "output.kafka")
+    enable = s.bool("enable")
+    rdkafka = data["rdkafka-config"]
+    if not isinstance(rdkafka, Mapping):
+        raise ConfigError(f"{s.key('rdkafka-config')}: expected a mapping, got {_show(rdkafka)}")
+    producer = kafka_producer_settings(rdkafka)
+    topic = s.opt_str("topic")
+    if enable:
+        if topic is None:
+            raise ConfigError(f"{s.key('topic')}: required when output.kafka.enable is true")
+        if not producer.get("bootstrap_servers"):
+            raise ConfigError(f"{s.key('rdkafka-config')}.bootstrap.servers: required when output.kafka.enable is true")
+    key = data["key"]
+    if key is not None:
+        key = s.choice("key", KAFKA_MESSAGE_KEYS)
+    return KafkaOutput(
+        enable=enable,
+        format=s.choice("format", OUTPUT_FORMATS),
+        rdkafka_config=dict(rdkafka),
+        topic=topic,
+        key=key,
+        producer=producer,
+        **_delivery(s),
+    )
+
+
+def _out_pgsql(data: Mapping) -> PgsqlOutput:
+    s = _Section(data, "output.pgsql")
+    enable = s.bool("enable")
+    dsn = s.opt_str("dsn")
+    if dsn is None:
+        raise ConfigError(f"{s.key('dsn')}: expected a connection string")
+    userfuncfile = s.opt_str("userfuncfile")
+    if enable and userfuncfile is not None and not os.path.isfile(userfuncfile):
+        raise ConfigError(f"{s.key('userfuncfile')}: no such file: {userfuncfile}")
+    table = s.opt_str("table")
+    if table is None or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", table):
+        raise ConfigError(f"{s.key('table')}: expected a table name ([schema.]name, letters, digits, _), got {_show(table)}")
+    min_size = s.int("min_size", 1)
+    max_size = s.int("max_size", 1)
+    if max_size < min_size:
+        raise ConfigError(f"{s.key('max_size')}: must be >= min_size ({min_size}), got {max_size}")
+    return PgsqlOutput(
+        enable=enable,
+        dsn=dsn,
+        passfile=s.opt_str("passfile"),
+        min_size=min_size,
+        max_size=max_size,
+        busy_wait=s.number("busy_wait", 0),
+        timeout=s.number("timeout", 0),
+        userfuncfile=userfuncfile,
+        table=table,
+        **_delivery(s),
+    )
 
 
 def _existing_file(s: _Section, name: str) -> str | None:
@@ -894,8 +1167,9 @@ def config_to_dict(config: Config) -> dict:
     def convert(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
             return {
-                f.name.replace("_", "-"): convert(getattr(value, f.name))
+                f.metadata.get("key", f.name.replace("_", "-")): convert(getattr(value, f.name))
                 for f in dataclasses.fields(value)
+                if not f.metadata.get("derived")
             }
         if isinstance(value, tuple):
             return [convert(v) for v in value]

@@ -62,7 +62,7 @@ LATENCY_BUCKETS = (
 )
 _LATENCY_NAMES = frozenset(name for name, _ in LATENCY_BUCKETS)
 # Receiver counters that go down as well as up.
-RECEIVER_GAUGES = frozenset({"active"})
+RECEIVER_GAUGES = frozenset({"active", "buffered", "connected"})
 # HELP texts: "group.name" first, then "name" (the same name in several groups).
 _RECEIVER_HELP = {
     "latency.matched": "Waiting queries answered (latency matching)",
@@ -98,6 +98,14 @@ _RECEIVER_HELP = {
     "kept": "Messages kept by the filters",
     "dropped": "Messages dropped",
     "lines": "Lines written",
+    "queued": "Messages queued for a network output",
+    "delivered": "Messages a network output delivered",
+    "resent": "Messages a network output sent again after a failure",
+    "send_errors": "Failed sends of a network output (connection lost)",
+    "connect_errors": "Failed connection attempts of a network output",
+    "connects": "Connections made by a network output",
+    "buffered": "Messages a network output holds (queued or in flight)",
+    "connected": "1 while a network output is connected",
 }
 
 

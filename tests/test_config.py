@@ -107,8 +107,11 @@ def test_dataclass_defaults_match_the_brief():
         local_address="127.0.0.1", local_port=8080,
     )
     assert cfg.statistics.enable and cfg.statistics.window == 10.0 and cfg.statistics.max_items == 10
-    assert cfg.output.kafka["rdkafka-config"]["bootstrap.servers"] is None
-    assert cfg.output.pgsql["min_size"] == 5
+    assert cfg.output.kafka.rdkafka_config["bootstrap.servers"] is None
+    assert cfg.output.kafka.producer == {} and cfg.output.kafka.retry == 5.0
+    assert (cfg.output.pgsql.min_size, cfg.output.pgsql.max_size, cfg.output.pgsql.retry) == (5, 10, 1.0)
+    assert cfg.output.tcp_socket.delivery().buffer_size == 100_000
+    assert (cfg.output.syslog.rfc, cfg.output.syslog.framing, cfg.output.dnstap.retry) == ("5424", "octet-counted", 1.0)
     assert cfg.input.sniffer["dns-port"] == [53]
 
 
@@ -116,8 +119,8 @@ def test_config_is_frozen_and_sections_independent():
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.trace = TraceOptions()  # type: ignore[misc]
-    cfg.output.kafka["topic"] = "changed"
-    assert Config().output.kafka["topic"] is None
+    cfg.output.kafka.rdkafka_config["client.id"] = "changed"
+    assert "client.id" not in Config().output.kafka.rdkafka_config
 
 
 def test_config_to_dict_round_trips():
@@ -216,10 +219,60 @@ def test_empty_file_is_defaults(tmp_path):
     assert load_config(write(tmp_path, "# nothing\n")) == Config()
 
 
-def test_kafka_rdkafka_config_accepts_any_key():
-    cfg = config_from_dict({"output": {"kafka": {"rdkafka-config": {"linger.ms": 5}}}})
-    assert cfg.output.kafka["rdkafka-config"]["linger.ms"] == 5
-    assert "bootstrap.servers" in cfg.output.kafka["rdkafka-config"]
+def test_kafka_rdkafka_config_maps_to_kafka_python():
+    cfg = config_from_dict({"output": {"kafka": {"rdkafka-config": {
+        "linger.ms": 5, "bootstrap.servers": "a:9092, b:9093", "compression.codec": "GZIP",
+        "security.protocol": "sasl_ssl", "acks": -1, "sasl.password": None}}}})
+    assert cfg.output.kafka.rdkafka_config["linger.ms"] == 5
+    assert cfg.output.kafka.producer == {
+        "linger_ms": 5, "bootstrap_servers": ["a:9092", "b:9093"], "compression_type": "gzip",
+        "security_protocol": "SASL_SSL", "acks": "all"}
+
+
+def test_kafka_unknown_librdkafka_key_is_a_config_error():
+    assert error_of({"output": {"kafka": {"rdkafka-config": {"linger.msec": 5}}}}) == (
+        "output.kafka.rdkafka-config.linger.msec: not supported (no kafka-python equivalent); did you mean 'linger.ms'?")
+    assert error_of({"output": {"kafka": {"rdkafka-config": {"compression.type": "brotli"}}}}).startswith(
+        "output.kafka.rdkafka-config.compression.type: expected one of none, gzip")
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("tcp-socket", {"enable": True, "remote-port": 9000}, "output.tcp-socket.remote-address: required when output.tcp-socket.enable is true"),
+        ("tcp-socket", {"remote-port": 70000}, "output.tcp-socket.remote-port: expected an integer between 1 and 65535, got 70000"),
+        ("tcp-socket", {"buffer-size": 0}, "output.tcp-socket.buffer-size: expected an integer >= 1, got 0"),
+        ("syslog", {"rfc": 5425}, "output.syslog.rfc: expected 5424 or 3164, got 5425"),
+        ("syslog", {"facility": "local9"}, "output.syslog.facility: expected one of kern, user"),
+        ("syslog", {"transport": "tls"}, "output.syslog.transport: expected one of udp, tcp, got 'tls'"),
+        ("syslog", {"app-name": "has space"}, "output.syslog.app-name: expected 1 to 48 printable ASCII characters"),
+        ("syslog", {"hostname": "my host"}, "output.syslog.hostname: expected 1 to 255 printable ASCII characters"),
+        ("dnstap", {"enable": True, "remote-address": "127.0.0.1"}, "output.dnstap.remote-port: required when output.dnstap.enable is true"),
+        ("dnstap", {"sock-path": "/tmp/x.sock", "tls-support": True}, "output.dnstap.tls-support: TLS is for TCP"),
+        ("kafka", {"enable": True, "rdkafka-config": {"bootstrap.servers": "h:9092"}}, "output.kafka.topic: required when output.kafka.enable is true"),
+        ("kafka", {"enable": True, "topic": "t"}, "output.kafka.rdkafka-config.bootstrap.servers: required when output.kafka.enable is true"),
+        ("kafka", {"key": "qtype"}, "output.kafka.key: expected one of qname, query-ip, response-ip, identity, got 'qtype'"),
+        ("pgsql", {"table": "x; drop"}, "output.pgsql.table: expected a table name"),
+        ("pgsql", {"min_size": 5, "max_size": 2}, "output.pgsql.max_size: must be >= min_size (5), got 2"),
+    ],
+)
+def test_network_output_errors(section, values, message):
+    assert error_of({"output": {section: values}}).startswith(message)
+
+
+def test_network_outputs_parse():
+    cfg = config_from_dict({"output": {
+        "tcp-socket": {"enable": True, "remote-address": "::1", "remote-port": 9000, "format": "json", "buffer-size": 10},
+        "syslog": {"enable": True, "remote-address": "127.0.0.1", "remote-port": 514, "rfc": 3164, "facility": "local3"},
+        "dnstap": {"enable": True, "sock-path": "/run/dnstap.sock", "dnstap-identity": "edge-1"},
+        "pgsql": {"enable": True, "dsn": "host=/tmp dbname=dns", "table": "public.dnstap_log"},
+    }})
+    out = cfg.output
+    assert (out.tcp_socket.remote_address, out.tcp_socket.remote_port, out.tcp_socket.delivery().buffer_size) == ("::1", 9000, 10)
+    assert (out.syslog.rfc, out.syslog.facility, out.syslog.transport) == ("3164", "local3", "udp")
+    assert (out.dnstap.sock_path, out.dnstap.remote_port, out.dnstap.dnstap_identity) == ("/run/dnstap.sock", None, "edge-1")
+    assert out.pgsql.table == "public.dnstap_log"
+    assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
 def test_null_where_default_is_a_mapping_is_an_error(tmp_path):
@@ -504,7 +557,7 @@ def test_log_interval():
 
 @pytest.mark.parametrize(
     "section",
-    ["tcp-socket", "syslog", "dnstap", "kafka", "rabbitmq", "pgsql", "elasticsearch"],
+    ["rabbitmq", "elasticsearch"],
 )
 def test_unsupported_outputs_refused_when_enabled(section):
     assert error_of({"output": {section: {"enable": True}}}) == (
@@ -520,14 +573,6 @@ def test_unsupported_inputs_refused_when_enabled(section):
     assert error_of({"input": {section: {"enable": True}}}) == (
         f"input.{section}: not supported yet by this receiver"
     )
-
-
-def test_unsupported_output_keys_accepted():
-    cfg = config_from_dict(
-        {"output": {"syslog": {"remote-address": "10.0.0.2", "remote-port": 514, "transport": "tcp"}}}
-    )
-    assert cfg.output.syslog["remote-port"] == 514
-    assert cfg.output.syslog["transport"] == "tcp"
 
 
 def test_enable_of_unsupported_section_must_be_boolean():

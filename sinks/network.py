@@ -1,0 +1,89 @@
+"""The Beam side of the network outputs: a DoFn that encodes each batch of
+records into one chunk and hands it to the output's ``Delivery``
+(sinks/delivery.py), which sends it from a thread of its own.
+
+One Delivery per output per process, shared by every instance of the DoFn
+(a runner may run several) and closed, which flushes it, when the last one is
+torn down: at the end of a replay or when the live receiver stops.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from sinks.delivery import Delivery, DeliveryOptions, Transport
+
+__all__ = ["DeliverFn", "DeliveryOptions", "acquire", "release"]
+
+
+_LOCK = threading.Lock()
+_SHARED: dict[str, tuple[Delivery, int]] = {}
+
+
+def acquire(name: str, transport: Any, options: DeliveryOptions, describe: str = "") -> Delivery:
+    """The process's Delivery for output ``name``, created with
+    ``transport()`` (a Transport factory) on first use."""
+    with _LOCK:
+        entry = _SHARED.get(name)
+        if entry is None:
+            delivery = Delivery(
+                name,
+                transport(),
+                retry=options.retry,
+                buffer_size=options.buffer_size,
+                flush_timeout=options.flush_timeout,
+                describe=describe,
+            )
+            entry = (delivery, 0)
+        _SHARED[name] = (entry[0], entry[1] + 1)
+        return entry[0]
+
+
+def release(delivery: Delivery) -> None:
+    """Give ``delivery`` back; the last user closes (flushes) it."""
+    with _LOCK:
+        shared, users = _SHARED[delivery.name]
+        if users > 1:
+            _SHARED[delivery.name] = (shared, users - 1)
+            return
+        del _SHARED[delivery.name]
+    delivery.close()
+
+
+class DeliverFn(beam.DoFn):
+    """Base of the network outputs' DoFns. Subclasses set NAME and define
+    ``make_transport()`` (a new Transport; runs on the worker) and
+    ``encode(records)`` -> (chunk, messages) or None to skip the batch."""
+
+    NAME = "network"
+
+    def __init__(self, options: DeliveryOptions, describe: str = "") -> None:
+        self._options = options
+        self._describe = describe
+
+    def make_transport(self) -> Transport:
+        raise NotImplementedError
+
+    def encode(self, records: list) -> tuple[Any, int] | None:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        self._delivery = acquire(self.NAME, self.make_transport, self._options, self._describe)
+        self._queued = Metrics.counter("dnstap_receiver", f"output_{self.NAME}_queued")
+
+    def process(self, records):
+        encoded = self.encode(records)
+        if encoded is not None:
+            chunk, messages = encoded
+            self._delivery.put(chunk, messages)
+            self._queued.inc(messages)
+
+    def teardown(self) -> None:
+        delivery = getattr(self, "_delivery", None)
+        if delivery is not None:
+            self._delivery = None
+            release(delivery)
