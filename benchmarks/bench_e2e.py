@@ -314,7 +314,9 @@ def write_config(directory: Path, port: int, output: Path, fmt: str, extra: dict
                      "file-max-size": FILE_MAX_SIZE, "file-count": 1},
         },
     }
-    config.update(extra or {})
+    extra = dict(extra or {})
+    config["output"].update(extra.pop("output", {}))
+    config.update(extra)
     conf = directory / "dnstap.conf"
     conf.write_text(yaml.safe_dump(config, sort_keys=False))
     return conf
@@ -730,6 +732,8 @@ def run_receiver(receiver: Receiver, workload: Workload, args: argparse.Namespac
         if receiver.name == OURS:
             extra = all_transforms(tmp) if args.transforms else {}
             extra["statistics"] = {"enable": not args.no_statistics}
+            if args.config:
+                extra["output"] = yaml.safe_load(args.config.read_text()).get("output", {})
         argv = receiver.argv(write_config(tmp, port, output, args.format, extra), port)
         result: dict[str, Any] = {
             "receiver": receiver.label,
@@ -876,6 +880,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "prints the median msg/s of each and the cost of the statistics")
     p.add_argument("--transforms", action="store_true",
                    help="ours with every transform enabled (normalize, latency, filter, GeoIP, privacy)")
+    p.add_argument("--config", type=Path, metavar="YAML",
+                   help="ours: the `output:` section of this YAML file is added to its config "
+                        "(e.g. a network output next to the file output)")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (config, output, logs)")
     args = p.parse_args(argv)
     if args.messages < 1:

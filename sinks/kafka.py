@@ -120,8 +120,20 @@ def _key_bytes(value) -> bytes | None:
 
 def encode_messages(records: list, fmt, key: str | None) -> list[tuple[bytes | None, bytes]]:
     """The chunk for ``records``: a (key, value) pair per record, value in
-    format ``fmt`` (a core.formats.Format), key the record's ``key`` field."""
-    values = map(fmt.record, records)
+    format ``fmt`` (a core.formats.Format), key the record's ``key`` field.
+
+    JSON values are cut from one serialisation of the whole batch (no JSON
+    text holds a raw newline): 3x faster than one orjson call per record, and
+    each value is an exact-size copy, where a single orjson result keeps a
+    block of about 8 KB allocated (100,000 buffered messages took 900 MB)."""
+    values = None
+    if fmt.name == "json":
+        values = fmt.batch(records, b"\n").split(b"\n")
+        values.pop()  # after the last delimiter
+        if len(values) != len(records):  # pragma: no cover - a serialiser bug
+            values = None
+    if values is None:
+        values = map(fmt.record, records)
     if key is None:
         return [(None, value) for value in values]
     return [(_key_bytes(rec.get(key)), value) for rec, value in zip(records, values)]

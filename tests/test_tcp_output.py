@@ -125,3 +125,29 @@ def test_no_server_buffer_overflows_then_delivery_resumes(tmp_path):
         assert d.counts["delivered"] == 1_000
     finally:
         server.kill()
+
+
+def test_dead_server_costs_only_its_own_copy(tmp_path):
+    """With the TCP output's server down and a tiny buffer, the file output
+    still gets every message; the TCP output counts its drops and says so."""
+    port, dead = free_tcp_port(), free_tcp_port()
+    receiver = start_receiver(tmp_path / "rx", {
+        "input": {"tcp-socket": {"enable": True, "local-address": "127.0.0.1", "local-port": port}},
+        "output": {
+            "file": {"enable": True, "format": "json", "file": str(tmp_path / "file.jsonl")},
+            "tcp-socket": {"enable": True, "remote-address": "127.0.0.1", "remote-port": dead,
+                           "retry": 0.2, "buffer-size": 100, "flush-timeout": 0.5},
+        },
+    })
+    frames = capture_frames()
+    with FstrmClient.tcp("127.0.0.1", port) as client:
+        client.handshake()
+        client.send_frames(frames)
+        client.stop()
+    assert wait_for_lines(tmp_path / "file.jsonl", len(frames), receiver=receiver) == len(frames)
+    assert receiver.stop() == 0
+    logs = receiver.stderr_path.read_text() + receiver.stdout_path.read_text()
+    assert "output tcp-socket: cannot connect to tcp://127.0.0.1:%d" % dead in logs
+    assert logs.count("output tcp-socket: cannot connect") == 1  # once per outage, not per retry
+    final = [line for line in logs.splitlines() if "stopped; counters" in line][-1]
+    assert "output.tcp-socket: queued=2006, dropped=2006" in final
