@@ -9,6 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.config import Config, FilterOptions, NormalizeOptions
 from sinks.dnstap import WriteToDnstap
+from sinks.dnstap_file import WriteToDnstapFile
 from sinks.file import WriteToFile
 from sinks.kafka import WriteToKafka
 from sinks.metrics import WriteMetrics
@@ -128,6 +129,12 @@ def stats_spec(config: Config) -> StatsSpec:
 
 def add_outputs(records, config: Config) -> None:
     out = config.output
+    privacy = config.privacy
+    if (out.dnstap.enable or out.dnstap_file.enable) and (
+        privacy.anonymize_ip or privacy.hash_ip or privacy.minimize_qname
+    ):
+        log.warning("output.dnstap and output.dnstap-file write the original dnstap messages: "
+                    "the privacy settings do not apply to them")
     if out.stdout.enable:
         records | "WriteToStdout" >> WriteToStdout(format=out.stdout.format)
     if out.file.enable:
@@ -145,12 +152,9 @@ def add_outputs(records, config: Config) -> None:
     if out.syslog.enable:
         records | "WriteToSyslog" >> WriteToSyslog(out.syslog)
     if out.dnstap.enable:
-        privacy = config.privacy
-        if privacy.anonymize_ip or privacy.hash_ip or privacy.minimize_qname:
-            log.warning("output.dnstap forwards the original dnstap messages: the privacy settings "
-                        "do not apply to them (real addresses and names go to %s)",
-                        out.dnstap.sock_path or f"{out.dnstap.remote_address}:{out.dnstap.remote_port}")
         records | "WriteToDnstap" >> WriteToDnstap(out.dnstap)
+    if out.dnstap_file.enable:
+        records | "WriteToDnstapFile" >> WriteToDnstapFile(out.dnstap_file)
     if out.kafka.enable:
         records | "WriteToKafka" >> WriteToKafka(out.kafka)
     if out.pgsql.enable:
@@ -164,8 +168,8 @@ def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec 
     records = (
         p
         | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
-        # Forwarding dnstap needs each message's original bytes.
-        | "DecodeDnstap" >> DecodeDnstap(keep_raw=config.output.dnstap.enable)
+        # Forwarding or storing dnstap needs each message's original bytes.
+        | "DecodeDnstap" >> DecodeDnstap(keep_raw=config.output.dnstap.enable or config.output.dnstap_file.enable)
     )
     records = add_transforms(records, config)
     if config.statistics.enable:

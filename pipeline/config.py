@@ -279,6 +279,18 @@ class DnstapOutput(_Delivery):
     tls_insecure: bool = False
 
 
+@dataclass(frozen=True)
+class DnstapFileOutput:
+    """``output.dnstap-file``: the original dnstap messages in Frame Streams
+    files, rotated by size and/or time (not in 4.7.0)."""
+
+    enable: bool = False
+    file: str | None = None
+    file_max_size: int = 104857600
+    file_count: int = 10
+    rotate_interval: float = 0.0
+
+
 KAFKA_MESSAGE_KEYS = ("qname", "query-ip", "response-ip", "identity")
 
 
@@ -322,6 +334,7 @@ class OutputOptions:
     tcp_socket: TcpSocketOutput = field(default_factory=TcpSocketOutput)
     syslog: SyslogOutput = field(default_factory=SyslogOutput)
     dnstap: DnstapOutput = field(default_factory=DnstapOutput)
+    dnstap_file: DnstapFileOutput = field(default_factory=DnstapFileOutput)
     kafka: KafkaOutput = field(default_factory=KafkaOutput)
     rabbitmq: dict = _dict_default(_RABBITMQ)
     pgsql: PgsqlOutput = field(default_factory=PgsqlOutput)
@@ -751,6 +764,7 @@ def _output(data: Mapping) -> OutputOptions:
         tcp_socket=_out_tcp_socket(data["tcp-socket"]),
         syslog=_out_syslog(data["syslog"]),
         dnstap=_out_dnstap(data["dnstap"]),
+        dnstap_file=_out_dnstap_file(data["dnstap-file"]),
         kafka=_out_kafka(data["kafka"]),
         pgsql=_out_pgsql(data["pgsql"]),
         **others,
@@ -838,6 +852,24 @@ def _out_dnstap(data: Mapping) -> DnstapOutput:
         tls_insecure=s.bool("tls-insecure"),
         **_remote(s, enable, required=sock_path is None),
         **_delivery(s),
+    )
+
+
+def _out_dnstap_file(data: Mapping) -> DnstapFileOutput:
+    s = _Section(data, "output.dnstap-file")
+    enable = s.bool("enable")
+    path = s.opt_str("file")
+    if enable:
+        if path is None:
+            raise ConfigError("output.dnstap-file.file: required when output.dnstap-file.enable is true")
+        if not _dirname_exists(path):
+            raise ConfigError(f"output.dnstap-file.file: directory does not exist: {os.path.dirname(path) or '.'}")
+    return DnstapFileOutput(
+        enable=enable,
+        file=path,
+        file_max_size=s.size("file-max-size"),
+        file_count=s.int("file-count", 1),
+        rotate_interval=s.number("rotate-interval", 0),
     )
 
 

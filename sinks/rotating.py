@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["RotatingFile", "open_shared"]
+__all__ = ["RotatingFile", "open_shared", "shift_backups"]
 
 _BUFFER = 1 << 20
 
@@ -76,14 +76,7 @@ class RotatingFile:
 
     def _rotate(self) -> None:
         self._file.close()
-        for i in range(self.count - 1, 0, -1):
-            src = f"{self.path}.{i}"
-            if os.path.exists(src):
-                os.replace(src, f"{self.path}.{i + 1}")
-        try:
-            os.replace(self.path, f"{self.path}.1")
-        except FileNotFoundError:  # removed behind our back: nothing to keep, go on
-            pass
+        shift_backups(self.path, self.count)
         self._file = open(self.path, "ab", buffering=_BUFFER)
         self._size = 0
         self.rotations += 1
@@ -94,6 +87,19 @@ class RotatingFile:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def shift_backups(path: str, count: int) -> None:
+    """``path`` becomes ``path.1``, ``path.1`` becomes ``path.2``... up to
+    ``path.<count>`` (the oldest beyond is overwritten)."""
+    for i in range(count - 1, 0, -1):
+        src = f"{path}.{i}"
+        if os.path.exists(src):
+            os.replace(src, f"{path}.{i + 1}")
+    try:
+        os.replace(path, f"{path}.1")
+    except FileNotFoundError:  # removed behind our back: nothing to keep, go on
+        pass
 
 
 _OPEN: dict[str, RotatingFile] = {}
