@@ -16,12 +16,12 @@ not raise halfway through a batch.
 
 from __future__ import annotations
 
-import gzip
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from core.batches import FrameBatch
 from core.errors import FrameStreamError
@@ -35,9 +35,9 @@ from core.framestream import (
 )
 
 __all__ = [
-    "CaptureDamage",
     "DEFAULT_BATCH_SIZE",
     "MAX_CAPTURE_FRAME_SIZE",
+    "CaptureDamage",
     "CaptureReader",
     "open_capture",
     "read_frames",
@@ -68,7 +68,7 @@ class CaptureDamage:
 def open_capture(path: str) -> BinaryIO:
     """``path`` opened for reading, decompressed if it starts with the gzip
     magic bytes. OSError if it cannot be opened."""
-    raw = open(path, "rb")
+    raw = open(path, "rb")  # noqa: SIM115  returned open
     try:
         magic = raw.read(2)
         raw.seek(0)
@@ -76,8 +76,46 @@ def open_capture(path: str) -> BinaryIO:
         raw.close()
         raise
     if magic == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return _GzipStream(raw)  # type: ignore[return-value]
     return raw
+
+
+class _GzipStream:
+    """Decompressing reader that, unlike gzip.GzipFile, hands out everything
+    decompressed before a truncation or corruption and only then raises
+    (EOFError for a truncated stream, zlib.error for corrupt data).
+    Concatenated gzip members are read one after the other."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._d = zlib.decompressobj(wbits=31)
+        self._tail = b""  # compressed bytes not yet fed to the decompressor
+
+    def read(self, size: int = READ_SIZE) -> bytes:
+        size = size if size and size > 0 else READ_SIZE
+        while True:
+            if self._d.eof:
+                rest = self._d.unused_data or self._raw.read(READ_SIZE)
+                if not rest:
+                    return b""  # clean end after a complete member
+                self._d = zlib.decompressobj(wbits=31)
+                self._tail = rest
+            data = self._tail or self._raw.read(READ_SIZE)
+            if not data:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            out = self._d.decompress(data, size)
+            self._tail = self._d.unconsumed_tail
+            if out:
+                return out
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> _GzipStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Damaged(Exception):

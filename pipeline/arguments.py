@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="read dnstap payloads from Frame Streams capture files instead of "
         "sockets (repeatable)",
     )
+    parser.add_argument(
+        "--replay-windows",
+        metavar="PATH",
+        help="with --replay: write the statistics of each time window as JSON lines to PATH",
+    )
     return parser
 
 

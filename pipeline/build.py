@@ -34,6 +34,7 @@ __all__ = [
     "build_live_pipeline",
     "hub_spec",
     "make_runner",
+    "needs_raw",
     "stats_spec",
     "transform_steps",
 ]
@@ -127,6 +128,11 @@ def stats_spec(config: Config) -> StatsSpec:
     )
 
 
+def needs_raw(config: Config) -> bool:
+    """Whether an output writes the original dnstap bytes (decode keeps them)."""
+    return config.output.dnstap.enable or config.output.dnstap_file.enable
+
+
 def add_outputs(records, config: Config) -> None:
     out = config.output
     privacy = config.privacy
@@ -168,8 +174,7 @@ def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec 
     records = (
         p
         | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
-        # Forwarding or storing dnstap needs each message's original bytes.
-        | "DecodeDnstap" >> DecodeDnstap(keep_raw=config.output.dnstap.enable or config.output.dnstap_file.enable)
+        | "DecodeDnstap" >> DecodeDnstap(keep_raw=needs_raw(config))
     )
     records = add_transforms(records, config)
     if config.statistics.enable:

@@ -134,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dnstap_receiver: error: {exc}", file=sys.stderr)
         return 2
     _setup_logging(config)
-    if args.replay:
-        log.error("--replay is not available yet in this release")
+    if args.replay_windows and not args.replay:
+        print("dnstap_receiver: error: --replay-windows needs --replay", file=sys.stderr)
         return 2
+    if args.replay:
+        _import_beam_quietly()
+        from pipeline.replay import run_replay
+
+        return run_replay(config, args.replay, beam_args, windows_path=args.replay_windows)
     source = resolve_config_path(args.c)
     log.info("config: %s", source or "built-in defaults")
 

@@ -15,6 +15,8 @@ from core.capture import CaptureDamage, open_capture, read_frames
 from core.framestream import START, STOP, encode_control, encode_data, encode_stream
 
 CAPTURES = Path(__file__).resolve().parent / "data" / "captures"
+S = len(encode_control(START, (b"protobuf:dnstap.Dnstap",)))  # 42 bytes
+STOP_LEN = len(encode_control(STOP))
 NAMES = ["unbound-tcp.fstrm", "unbound-unix.fstrm", "named.fstrm"]
 
 
@@ -99,7 +101,7 @@ def test_corrupted_gzip_reports_damage(tmp_path):
         packed[i] ^= 0x55
     path = tmp_path / "bad.gz"
     path.write_bytes(bytes(packed))
-    batches, reader = read_all(path, "bad.gz")
+    _, reader = read_all(path, "bad.gz")
     assert reader.damage is not None and not reader.clean
 
 
@@ -142,15 +144,15 @@ def test_missing_stop_at_a_frame_boundary():
         (b"", 0, "missing START"),
         (encode_data(b"abc") + encode_control(STOP), 0, "missing START"),
         (encode_control(START, (b"protobuf:other.Type",)) + encode_data(b"x"), 0, "wrong content type"),
-        (encode_control(START, (b"protobuf:dnstap.Dnstap",)) + encode_control(START), 30, "unexpected START"),
-        (encode_stream([b"a", b"b"]) + encode_data(b"c"), 48, "data after STOP"),
-        (encode_stream([b"a"]) + b"\0", 43, "data after STOP"),
+        (encode_control(START, (b"protobuf:dnstap.Dnstap",)) + encode_control(START), S, "unexpected START"),
+        (encode_stream([b"a", b"b"]) + encode_data(b"c"), S + 5 + 5 + STOP_LEN, "data after STOP"),
+        (encode_stream([b"a"]) + b"\0", S + 5 + STOP_LEN, "data after STOP"),
         (encode_control(START, (b"protobuf:dnstap.Dnstap",)) + encode_data(b"ok") + b"\0\0\0\0\0\0\x10\0",
-         36, "bad control frame"),
+         S + 6, "bad control frame"),
         (encode_control(START, (b"protobuf:dnstap.Dnstap",)) + encode_data(b"ok") + b"\0\0\0\0\0\0\0\x02ab",
-         36, "bad control frame"),
+         S + 6, "bad control frame"),
         (encode_control(START, (b"protobuf:dnstap.Dnstap",)) + encode_data(b"ok") + struct.pack(">I", 17 << 20)
-         + b"x" * 100, 36, "exceeds the limit"),
+         + b"x" * 100, S + 6, "exceeds the limit"),
     ],
 )
 def test_damage_kinds(data, offset, reason):
@@ -158,7 +160,7 @@ def test_damage_kinds(data, offset, reason):
     assert reader.damage is not None, reader.damage
     assert reader.damage.offset == offset and reason in reader.damage.reason, reader.damage
     # the complete frames before the damage are still read
-    if offset == 36:
+    if offset == S + 6:
         assert batches == [[b"ok"]]
     if "after STOP" in reason:
         assert [f for b in batches for f in b] in ([b"a", b"b"], [b"a"])

@@ -1,0 +1,191 @@
+"""``--replay``: run the receiver's transforms and outputs over capture files.
+
+Capture files -> decode -> the live transforms (build.add_transforms) -> the
+live outputs (build.add_outputs); the pipeline is bounded, so the process
+exits once the files are read and the outputs flushed.
+
+Statistics use Beam's own event-time windowing on the message timestamps
+(transforms.statistics.WindowStatistics) instead of the live store; the
+per-window results are written as JSON lines to ``--replay-windows PATH``,
+one line per window holding messages, oldest first:
+{"start", "end", "counters" (all streams), "streams" {identity: counters},
+"tables" (top 10, all streams)}. Without ``--replay-windows`` no windows are
+computed (the GroupByKey they need is skipped) and only the summary is logged.
+
+The summary (files, messages, damaged files with offsets, seconds,
+messages/s) is logged at the end, from the PipelineResult's metrics (so it
+holds whatever process read the files), falling back on the process counters
+when the runner reports no metrics. Exit status: 0 all files clean, 1 some
+damaged (the others fully processed) or the pipeline failed, 2 usage errors
+(a pattern matching no file, a bad config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import orjson
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindows
+
+from core import counters
+from core.errors import ConfigError
+from core.stats import WindowView
+from pipeline.build import add_outputs, add_transforms, make_runner, needs_raw, stats_spec
+from pipeline.config import Config
+from sources.capture_io import METRICS_NAMESPACE, ReadFromCaptures
+from transforms.decode import DecodeDnstap
+from transforms.statistics import WindowStatistics
+
+__all__ = ["ReplaySummary", "build_replay_pipeline", "run_replay", "window_line"]
+
+log = logging.getLogger("dnstap_receiver")
+
+TOP_N = 10
+
+
+def window_line(view: WindowView, top: int = TOP_N) -> bytes:
+    """One window as a JSON line (see the module docstring)."""
+    return orjson.dumps(
+        {
+            "start": view.start,
+            "end": view.end,
+            "counters": view.counters(),
+            "streams": {name: view.counters(name) for name in view.streams()},
+            "tables": view.tables(top),
+        },
+        option=orjson.OPT_NON_STR_KEYS,
+    )
+
+
+class _WriteWindows(beam.DoFn):
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def process(self, lines):
+        # One element (all windows): one writer, lines in time order.
+        tmp = f"{self._path}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.writelines(line + b"\n" for _, line in sorted(lines))
+        os.replace(tmp, self._path)
+        yield len(lines)
+
+
+def build_replay_pipeline(
+    config: Config, options: PipelineOptions, patterns: list[str], windows_path: str | None = None
+) -> tuple[beam.Pipeline, list[str]]:
+    """The replay pipeline and the files it reads; NoCaptureMatch (a ConfigError) if a pattern
+    matches no file, ConfigError for transforms' bad files."""
+    source = ReadFromCaptures(patterns, batch_size=config.input.batch_size)
+    p = beam.Pipeline(runner=make_runner(options), options=options)
+    records = (
+        p
+        | "ReadFromCaptures" >> source
+        # Forwarding dnstap needs each message's original bytes.
+        | "DecodeDnstap" >> DecodeDnstap(keep_raw=needs_raw(config))
+    )
+    records = add_transforms(records, config)
+    if windows_path:
+        (
+            records
+            | "WindowStatistics" >> WindowStatistics(config.statistics.window, stats_spec(config).config())
+            | "WindowLine" >> beam.Map(lambda view: (view.start, window_line(view)))
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "AllWindows" >> beam.combiners.ToList()
+            | "WriteWindows" >> beam.ParDo(_WriteWindows(windows_path))
+        )
+    add_outputs(records, config)
+    return p, source.paths
+
+
+@dataclass
+class ReplaySummary:
+    files: int = 0
+    frames: int = 0
+    decoded: int = 0
+    damaged: int = 0  # files
+    damage: list[tuple[str, int, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def lines(self, expected_files: int) -> list[str]:
+        rate = self.frames / self.seconds if self.seconds > 0 else 0.0
+        head = (
+            f"replay summary: {self.files}/{expected_files} files, {self.frames} messages "
+            f"({self.decoded} decoded) in {self.seconds:.2f} s ({rate:.0f} messages/s), "
+            f"{max(self.damaged, len(self.damage))} damaged"
+        )
+        out = [head]
+        for path, offset, reason in sorted(self.damage):
+            out.append(f"replay summary: damaged: {path} at offset {offset}: {reason}")
+        return out
+
+
+def _committed(result) -> object:
+    return result.committed if result.committed is not None else result.attempted
+
+
+def summarize(result, seconds: float, before: dict) -> ReplaySummary:
+    """From the PipelineResult's metrics; from the process counters (deltas
+    over ``before``) if the runner returned none."""
+    summary = ReplaySummary(seconds=seconds)
+    try:
+        metrics = result.metrics().query(MetricsFilter())
+    except Exception:  # noqa: BLE001  a runner without metrics support
+        metrics = {}
+    found = False
+    for res in metrics.get("counters", []):
+        ns, name = res.key.metric.namespace, res.key.metric.name
+        value = _committed(res) or 0
+        if name == "damaged_files":
+            name = "damaged"
+        if ns == METRICS_NAMESPACE and name in ("files", "frames", "damaged"):
+            setattr(summary, name, getattr(summary, name) + value)
+            found = True
+        elif ns == "dnstap_receiver" and name == "decoded":
+            summary.decoded += value
+    damage = set()
+    for res in metrics.get("string_sets", []):
+        if res.key.metric.namespace == METRICS_NAMESPACE and res.key.metric.name == "damage":
+            damage.update(_committed(res) or ())
+    for item in damage:
+        path, offset, reason = item.split("\t", 2)
+        summary.damage.append((path, int(offset), reason))
+    if not found:
+        group = counters.snapshot().get(METRICS_NAMESPACE, {})
+        summary.files = group.get("files", 0) - before.get("files", 0)
+        summary.frames = group.get("frames", 0) - before.get("frames", 0)
+        decode = counters.snapshot().get("decode", {})
+        summary.decoded = decode.get("decoded", 0) - before.get("decoded", 0)
+        # No details without metrics: the reader logged each damaged file.
+        summary.damaged = group.get("damaged_files", 0) - before.get("damaged_files", 0)
+    return summary
+
+
+def run_replay(config: Config, patterns: list[str], beam_args: list[str], windows_path: str | None = None) -> int:
+    options = PipelineOptions(beam_args)
+    try:
+        pipeline, paths = build_replay_pipeline(config, options, patterns, windows_path)
+    except (ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("replay: %d file(s): %s", len(paths), ", ".join(paths))
+    group = counters.snapshot()
+    before = {**group.get(METRICS_NAMESPACE, {}), "decoded": group.get("decode", {}).get("decoded", 0)}
+    started = time.monotonic()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception:
+        log.exception("replay pipeline failed")
+        return 1
+    summary = summarize(result, time.monotonic() - started, before)
+    for line in summary.lines(len(paths)):
+        log.info("%s", line)
+    if windows_path:
+        log.info("replay: windows written to %s", windows_path)
+    return 1 if summary.damaged or summary.damage else 0

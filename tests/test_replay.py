@@ -1,0 +1,186 @@
+"""``--replay``: the receiver's pipeline over capture files, run as users run it
+(``python -m pipeline --runner=DirectRunner --replay ... -c FILE``), plus the
+ReadFromCaptures source on the in-process runner."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import apache_beam as beam
+import orjson
+import pytest
+import yaml
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that
+from conftest import BASE_CONFIG, REPO, merge
+from fstrm_client import capture_frames
+
+from core.batches import FrameBatch
+from core.formats import get_format
+from core.message import decode
+from sources.capture_io import NoCaptureMatch, ReadFromCaptures, expand_patterns
+from test_cli import run_cli
+
+CAPTURES = REPO / "tests" / "data" / "captures"
+RUN_TIMEOUT = 60.0
+WINDOW = 10.0
+
+
+def write_config(tmp_path: Path, **over) -> tuple[Path, Path]:
+    out = tmp_path / "out.json"
+    data = merge(BASE_CONFIG, {
+        # MatchLatency rewrites latencies: off, so output equals plain decoding.
+        "latency": {"enable": False},
+        "statistics": {"window": WINDOW},
+        "output": {"file": {"enable": True, "format": "json", "file": str(out), "file-max-size": "1G"}},
+    })
+    data = merge(data, over)
+    path = tmp_path / "replay.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path, out
+
+
+def run_replay(tmp_path: Path, *args: str, **over) -> tuple[subprocess.CompletedProcess, Path]:
+    conf, out = write_config(tmp_path, **over)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--runner=DirectRunner", *args, "-c", str(conf)],
+        cwd=REPO, capture_output=True, text=True, check=False, timeout=RUN_TIMEOUT,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    return proc, out
+
+
+def as_output(frames: list[bytes]) -> Counter:
+    """What the json file output writes for ``frames``, as a multiset of lines."""
+    fmt = get_format("json")
+    return Counter(orjson.dumps(orjson.loads(fmt.record(decode(f))), option=orjson.OPT_SORT_KEYS) for f in frames)
+
+
+def output(path: Path) -> Counter:
+    with open(path, "rb") as fh:
+        return Counter(orjson.dumps(orjson.loads(line), option=orjson.OPT_SORT_KEYS) for line in fh if line.strip())
+
+
+def truncated_copy(tmp_path: Path, name: str, keep_frames: int) -> tuple[Path, int]:
+    """``name`` cut 10 bytes into its data frame number ``keep_frames`` (0-based):
+    the path and the offset where that frame starts."""
+    data = (CAPTURES / name).read_bytes()
+    frames = capture_frames(name)
+    start = len(data) - 12 - sum(4 + len(f) for f in frames)  # after START (STOP is 12 bytes)
+    offset = start + sum(4 + len(f) for f in frames[:keep_frames])
+    path = tmp_path / f"cut-{name}"
+    path.write_bytes(data[: offset + 10])
+    return path, offset
+
+
+def test_two_patterns_and_a_glob_output_exactly_the_captures(tmp_path):
+    proc, out = run_replay(
+        tmp_path, "--replay", str(CAPTURES / "unbound-*.fstrm"), "--replay", str(CAPTURES / "named.fstrm")
+    )
+    assert proc.returncode == 0, proc.stderr
+    frames = capture_frames("unbound-tcp.fstrm") + capture_frames("unbound-unix.fstrm") + capture_frames("named.fstrm")
+    assert len(frames) == 4112
+    assert output(out) == as_output(frames)
+    assert re.search(r"replay summary: 3/3 files, 4112 messages \(4112 decoded\) in [\d.]+ s "
+                     r"\(\d+ messages/s\), 0 damaged", proc.stderr), proc.stderr
+
+
+def test_gzip_plus_truncated_file_exits_1_and_keeps_every_complete_frame(tmp_path):
+    gz = tmp_path / "tcp-capture.fstrm"  # gzip, though not named so
+    gz.write_bytes(gzip.compress((CAPTURES / "unbound-tcp.fstrm").read_bytes()))
+    cut, offset = truncated_copy(tmp_path, "named.fstrm", 37)
+    proc, out = run_replay(tmp_path, "--replay", str(gz), "--replay", str(cut))
+    assert proc.returncode == 1, proc.stderr
+    expected = capture_frames("unbound-tcp.fstrm") + capture_frames("named.fstrm")[:37]
+    assert output(out) == as_output(expected)
+    assert f"replay summary: damaged: {cut} at offset {offset}: truncated frame" in proc.stderr, proc.stderr
+    assert re.search(r"replay summary: 2/2 files, 2043 messages .* 1 damaged", proc.stderr), proc.stderr
+
+
+def test_a_pattern_matching_nothing_is_a_usage_error(tmp_path):
+    missing = str(tmp_path / "none-*.fstrm")
+    proc, out = run_replay(tmp_path, "--replay", str(CAPTURES / "named.fstrm"), "--replay", missing)
+    assert proc.returncode == 2
+    assert f"--replay {missing}: no file matches" in proc.stderr
+    assert not out.exists()
+
+
+def test_not_a_capture_is_damage_not_a_crash(tmp_path):
+    junk = tmp_path / "junk.fstrm"
+    junk.write_bytes(b"\x00\x00\x01\x00" + b"x" * 300)
+    proc, out = run_replay(tmp_path, "--replay", str(junk), "--replay", str(CAPTURES / "named.fstrm"))
+    assert proc.returncode == 1, proc.stderr
+    assert output(out) == as_output(capture_frames("named.fstrm"))
+    assert f"damaged: {junk} at offset 0: missing START" in proc.stderr
+
+
+def test_replay_windows_json_lines(tmp_path):
+    windows = tmp_path / "windows.jsonl"
+    proc, out = run_replay(
+        tmp_path, "--replay", str(CAPTURES / "unbound-tcp.fstrm"), "--replay", str(CAPTURES / "named.fstrm"),
+        "--replay-windows", str(windows),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sum(output(out).values()) == 2106  # the outputs still get every message
+    lines = [orjson.loads(line) for line in windows.read_bytes().splitlines()]
+    records = [decode(f) for f in capture_frames("unbound-tcp.fstrm") + capture_frames("named.fstrm")]
+    assert lines and [w["start"] for w in lines] == sorted(w["start"] for w in lines)
+    for w in lines:
+        assert set(w) == {"start", "end", "counters", "streams", "tables"}
+        assert w["start"] % WINDOW == 0 and w["end"] - w["start"] == WINDOW
+        # the streams add up to the total
+        for key in ("query", "response"):
+            assert sum(s[key] for s in w["streams"].values()) == w["counters"][key]
+    assert sum(w["counters"]["query"] + w["counters"]["response"] for w in lines) == len(records)
+    # each window counts the messages whose timestamp falls in it
+    per_window = Counter(int(r["timestamp"] // WINDOW) * WINDOW for r in records)
+    assert {w["start"]: w["counters"]["query"] + w["counters"]["response"] for w in lines} == per_window
+    identities = {r["identity"] for r in records}
+    assert set().union(*(w["streams"] for w in lines)) == identities
+
+
+# -- the source on the in-process runner -------------------------------------------
+
+
+def test_read_from_captures_batches_and_metrics(tmp_path):
+    cut, offset = truncated_copy(tmp_path, "named.fstrm", 5)
+    expected = capture_frames("unbound-tcp.fstrm") + capture_frames("named.fstrm")[:5]
+
+    def check(batches):
+        assert all(isinstance(b, FrameBatch) and 1 <= len(b) <= 100 for b in batches)
+        assert Counter(f for b in batches for f in b) == Counter(expected)
+
+    p = beam.Pipeline(runner=FnApiRunner())
+    batches = p | ReadFromCaptures([str(CAPTURES / "unbound-t*.fstrm"), str(cut)], batch_size=100)
+    assert_that(batches, check)
+    result = p.run()
+    result.wait_until_finish()
+    metrics = result.metrics().query(MetricsFilter().with_namespace("replay"))
+    counts = {m.key.metric.name: m.committed for m in metrics["counters"]}
+    assert counts == {"files": 2, "frames": len(expected), "damaged_files": 1}
+    damage = set().union(*(m.committed for m in metrics["string_sets"]))
+    assert damage == {f"{cut}\t{offset}\ttruncated frame (10 bytes at end of file)"}
+
+
+def test_expand_patterns(tmp_path):
+    for name in ("b.fstrm", "a.fstrm", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "d.fstrm").mkdir()
+    a, b = str(tmp_path / "a.fstrm"), str(tmp_path / "b.fstrm")
+    assert expand_patterns([str(tmp_path / "*.fstrm")]) == [a, b]  # sorted, directories left out
+    assert expand_patterns([b, str(tmp_path / "*.fstrm")]) == [b, a]  # each file once, first pattern first
+    with pytest.raises(NoCaptureMatch, match=r"--replay .*/d\.fstrm: no file matches"):
+        expand_patterns([a, str(tmp_path / "d.fstrm")])
+
+
+def test_replay_windows_without_replay_is_a_usage_error():
+    proc = run_cli("--replay-windows", "/tmp/windows.jsonl")
+    assert proc.returncode == 2
+    assert "--replay-windows needs --replay" in proc.stderr
