@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         options = PipelineOptions(beam_args)
         spec = hub_spec(config)
         pipeline = build_live_pipeline(config, options, spec)
+        log.info("runner: %s", type(pipeline.runner).__name__)
         hub = get_hub(spec)
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)

@@ -173,7 +173,7 @@ def run_replay(config: Config, patterns: list[str], beam_args: list[str], window
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    log.info("replay: %d file(s): %s", len(paths), ", ".join(paths))
+    log.info("replay: %d file(s) on %s: %s", len(paths), type(pipeline.runner).__name__, ", ".join(paths))
     group = counters.snapshot()
     before = {**group.get(METRICS_NAMESPACE, {}), "decoded": group.get("decode", {}).get("decoded", 0)}
     started = time.monotonic()
