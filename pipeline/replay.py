@@ -36,7 +36,13 @@ from apache_beam.transforms.window import GlobalWindows
 from core import counters
 from core.errors import ConfigError
 from core.stats import WindowView
-from pipeline.build import add_outputs, add_transforms, make_runner, needs_raw, stats_spec
+from pipeline.build import (
+    add_outputs,
+    add_transforms,
+    make_runner,
+    needs_raw,
+    stats_spec,
+)
 from pipeline.config import Config
 from sources.capture_io import METRICS_NAMESPACE, ReadFromCaptures
 from transforms.decode import DecodeDnstap
@@ -76,12 +82,23 @@ class _WriteWindows(beam.DoFn):
         yield len(lines)
 
 
+def _dns_ports(value) -> frozenset[int]:
+    ports = value if isinstance(value, list) else [value]
+    if not ports or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
+        raise ConfigError(f"input.sniffer.dns-port: expected a port or a list of ports, got {value!r}")
+    return frozenset(ports)
+
+
 def build_replay_pipeline(
     config: Config, options: PipelineOptions, patterns: list[str], windows_path: str | None = None
 ) -> tuple[beam.Pipeline, list[str]]:
     """The replay pipeline and the files it reads; NoCaptureMatch (a ConfigError) if a pattern
     matches no file, ConfigError for transforms' bad files."""
-    source = ReadFromCaptures(patterns, batch_size=config.input.batch_size)
+    # pcap files: the sniffer's settings say which ports are DNS and the identity.
+    sniffer = config.input.sniffer
+    source = ReadFromCaptures(patterns, batch_size=config.input.batch_size,
+                              dns_ports=_dns_ports(sniffer["dns-port"]),
+                              pcap_identity=str(sniffer["dnstap-identity"]))
     p = beam.Pipeline(runner=make_runner(options), options=options)
     records = (
         p

@@ -160,7 +160,9 @@ class KafkaTransport:
         self.acknowledged_before_failure = 0
 
     def connect(self) -> None:
-        from kafka import KafkaProducer  # kafka-python is only needed with this output on
+        from kafka import (
+            KafkaProducer,  # kafka-python is only needed with this output on
+        )
 
         # Raises NoBrokersAvailable / KafkaTimeoutError while the broker is down.
         producer = KafkaProducer(**self.settings)

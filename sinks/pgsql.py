@@ -91,11 +91,12 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime, timezone
 from datetime import time as dtime
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any
 
 import apache_beam as beam
 import orjson
@@ -180,7 +181,7 @@ class _Timestamps:
             sec, usec = sec + 1, usec - 1_000_000
         cached_sec, text = self.cached
         if sec != cached_sec:
-            text = datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            text = datetime.fromtimestamp(sec, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
             self.cached = (sec, text)
         return f"{text}.{usec:06d}+00"
 

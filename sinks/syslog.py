@@ -48,7 +48,7 @@ import logging
 import os
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from logging.handlers import SysLogHandler
 from typing import TYPE_CHECKING
 
@@ -139,7 +139,7 @@ class _Stamps:
                 tm = time.localtime(sec)
                 text = f"{_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} {tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d}"
             else:
-                text = datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+                text = datetime.fromtimestamp(sec, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
             self.cached = (sec, text)  # one tuple: threads never pair a second with another's text
         return text
 

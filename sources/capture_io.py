@@ -35,6 +35,7 @@ from core.capture import (
     read_frames,
 )
 from core.errors import ConfigError
+from core.pcap import is_pcap, read_pcap
 
 __all__ = ["METRICS_NAMESPACE", "NoCaptureMatch", "ReadFromCaptures", "expand_patterns"]
 
@@ -69,9 +70,11 @@ def expand_patterns(patterns: list[str]) -> list[str]:
 
 
 class _ReadCaptureFn(beam.DoFn):
-    def __init__(self, batch_size: int, max_frame_size: int) -> None:
+    def __init__(self, batch_size: int, max_frame_size: int, dns_ports: frozenset[int], identity: str) -> None:
         self._batch_size = batch_size
         self._max_frame_size = max_frame_size
+        self._dns_ports = dns_ports
+        self._identity = identity
 
     def setup(self) -> None:
         self._files = Metrics.counter(METRICS_NAMESPACE, "files")
@@ -82,13 +85,20 @@ class _ReadCaptureFn(beam.DoFn):
     def process(self, path: str):
         frames = 0
         damage: CaptureDamage | None = None
+        pcap = False
         try:
+            with open_capture(path) as probe:
+                pcap = is_pcap(probe.read(4))
             stream = open_capture(path)
         except OSError as exc:
             damage = CaptureDamage(path, 0, f"cannot open: {exc.strerror or exc}")
         else:
             with stream:
-                reader = read_frames(stream, path, self._batch_size, self._max_frame_size)
+                if pcap:  # DNS packets, turned into CLIENT_QUERY/CLIENT_RESPONSE messages
+                    reader = read_pcap(stream, path, dns_ports=self._dns_ports, identity=self._identity,
+                                       batch_size=self._batch_size)
+                else:
+                    reader = read_frames(stream, path, self._batch_size, self._max_frame_size)
                 for batch in reader:
                     frames += len(batch)
                     # Counted as they go: a failure later in the file keeps these.
@@ -98,6 +108,9 @@ class _ReadCaptureFn(beam.DoFn):
                 damage = reader.damage
         self._files.inc()
         STATS["files"] += 1
+        if pcap:
+            stats = reader.stats.as_dict()
+            log.info("replay: %s: %s", path, ", ".join(f"{k}={v}" for k, v in stats.items() if v))
         if damage is None:
             log.info("replay: %s: %d frames", path, frames)
             return
@@ -111,13 +124,20 @@ class _ReadCaptureFn(beam.DoFn):
 class ReadFromCaptures(beam.PTransform):
     """Capture files -> ``FrameBatch`` elements of at most ``batch_size``
     dnstap payloads. ``patterns``: paths or globs; NoCaptureMatch (a
-    ConfigError) at construction if one matches no file."""
+    ConfigError) at construction if one matches no file.
+
+    Frame Streams captures give their payloads; pcap and pcapng files
+    (core/pcap.py, recognised by content) give a CLIENT_QUERY or
+    CLIENT_RESPONSE message with ``pcap_identity`` per DNS message to or from
+    one of ``dns_ports``."""
 
     def __init__(
         self,
         patterns: list[str],
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_frame_size: int = MAX_CAPTURE_FRAME_SIZE,
+        dns_ports: frozenset[int] = frozenset({53}),
+        pcap_identity: str = "pcap",
         label: str | None = None,
     ) -> None:
         super().__init__(label)
@@ -126,6 +146,8 @@ class ReadFromCaptures(beam.PTransform):
         self.paths = expand_patterns(list(patterns))
         self._batch_size = batch_size
         self._max_frame_size = max_frame_size
+        self._dns_ports = frozenset(dns_ports)
+        self._identity = pcap_identity
 
     def expand(self, pbegin):
         return (
@@ -133,5 +155,6 @@ class ReadFromCaptures(beam.PTransform):
             | "Paths" >> beam.Create(self.paths)
             # One file per element: the runner may spread files over workers.
             | "Reshuffle" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadCaptureFn(self._batch_size, self._max_frame_size)).with_output_types(FrameBatch)
+            | "Read" >> beam.ParDo(
+                _ReadCaptureFn(self._batch_size, self._max_frame_size, self._dns_ports, self._identity)).with_output_types(FrameBatch)
         )

@@ -5,16 +5,16 @@ from __future__ import annotations
 import subprocess
 
 import apache_beam as beam
+import peers
 import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-import peers
 from conftest import start_receiver
-from core.message import decode
 from fstrm_client import FstrmClient, capture_frames, free_tcp_port
+from test_dnstap_output import read_stream
+
+from core.message import decode
 from pipeline.config import DnstapFileOutput
 from sinks.dnstap_file import FrameStreamFile, WriteToDnstapFile
-from test_dnstap_output import read_stream
 from transforms.batches import RecordBatch
 
 CAPTURE = peers.CAPTURES / "unbound-tcp.fstrm"

@@ -7,9 +7,8 @@ import subprocess
 import time
 
 import orjson
-import pytest
-
 import peers
+import pytest
 from conftest import start_receiver, wait_for_lines
 from fstrm_client import FstrmClient, capture_frames, free_tcp_port
 from rsyslog_server import Rsyslog

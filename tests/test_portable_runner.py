@@ -9,7 +9,6 @@ import sys
 
 import orjson
 import yaml
-
 from conftest import BASE_CONFIG, REPO, merge, start_receiver, wait_for_lines
 from fstrm_client import FstrmClient, capture_frames, free_tcp_port
 

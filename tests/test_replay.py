@@ -21,12 +21,12 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that
 from conftest import BASE_CONFIG, REPO, merge
 from fstrm_client import capture_frames
+from test_cli import run_cli
 
 from core.batches import FrameBatch
 from core.formats import get_format
 from core.message import decode
 from sources.capture_io import NoCaptureMatch, ReadFromCaptures, expand_patterns
-from test_cli import run_cli
 
 CAPTURES = REPO / "tests" / "data" / "captures"
 RUN_TIMEOUT = 60.0
@@ -184,3 +184,26 @@ def test_replay_windows_without_replay_is_a_usage_error():
     proc = run_cli("--replay-windows", "/tmp/windows.jsonl")
     assert proc.returncode == 2
     assert "--replay-windows needs --replay" in proc.stderr
+
+
+def test_pcap_replay_gives_the_dns_exchanges(tmp_path):
+    """A real tcpdump capture of dig asking unbound (7 exchanges, 3 over TCP;
+    tests/data/pcap/README.md) replays as CLIENT_QUERY/CLIENT_RESPONSE records."""
+    pcap = REPO / "tests" / "data" / "pcap" / "unbound-dig.pcap"
+    gz = tmp_path / "capture.pcap.gz"
+    gz.write_bytes(gzip.compress(pcap.read_bytes()))
+    out = tmp_path / "out.jsonl"
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(merge(BASE_CONFIG, {
+        "input": {"sniffer": {"dns-port": [5399], "dnstap-identity": "lab-capture"}},
+        "output": {"file": {"enable": True, "format": "json", "file": str(out)}},
+    })))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--runner=DirectRunner", "-c", str(conf),
+                           "--replay", str(gz)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert Counter(r["message"] for r in records) == {"CLIENT_QUERY": 7, "CLIENT_RESPONSE": 7}
+    assert Counter(r["protocol"] for r in records) == {"UDP": 8, "TCP": 6}
+    assert all(r["identity"] == "lab-capture" for r in records)
+    responses = [r for r in records if r["type"] == "response"]
+    assert all(isinstance(r["latency"], float) and r["latency"] >= 0 for r in responses)  # matched to their queries
