@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -80,6 +82,40 @@ class _WriteWindows(beam.DoFn):
             fh.writelines(line + b"\n" for _, line in sorted(lines))
         os.replace(tmp, self._path)
         yield len(lines)
+
+
+class Progress(threading.Thread):
+    """A status line on a terminal, redrawn twice a second: files done,
+    messages, messages/s. Counts come from this process's reader counters
+    (a runner with remote workers shows only the time)."""
+
+    def __init__(self, files: int, before: dict, out=None) -> None:
+        super().__init__(name="replay-progress", daemon=True)
+        self._files = files
+        self._before = before
+        self._out = out or sys.stderr
+        self._done = threading.Event()
+        self._began = time.monotonic()
+        self.start()
+
+    def line(self) -> str:
+        group = counters.snapshot().get(METRICS_NAMESPACE, {})
+        files = group.get("files", 0) - self._before.get("files", 0)
+        frames = group.get("frames", 0) - self._before.get("frames", 0)
+        seconds = time.monotonic() - self._began
+        rate = frames / seconds if seconds > 0 else 0.0
+        return f"replay: {files}/{self._files} files, {frames:,} messages, {rate:,.0f} messages/s, {seconds:.0f} s"
+
+    def run(self) -> None:
+        while not self._done.wait(0.5):
+            self._out.write("\r" + self.line() + "\033[K")
+            self._out.flush()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+        self._out.write("\r\033[K")  # the summary lines follow
+        self._out.flush()
 
 
 def _dns_ports(value) -> frozenset[int]:
@@ -194,12 +230,16 @@ def run_replay(config: Config, patterns: list[str], beam_args: list[str], window
     group = counters.snapshot()
     before = {**group.get(METRICS_NAMESPACE, {}), "decoded": group.get("decode", {}).get("decoded", 0)}
     started = time.monotonic()
+    progress = Progress(len(paths), before) if sys.stderr.isatty() else None
     try:
         result = pipeline.run()
         result.wait_until_finish()
     except Exception:
         log.exception("replay pipeline failed")
         return 1
+    finally:
+        if progress is not None:
+            progress.stop()
     summary = summarize(result, time.monotonic() - started, before)
     for line in summary.lines(len(paths)):
         log.info("%s", line)

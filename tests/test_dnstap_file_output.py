@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import apache_beam as beam
 import peers
 import pytest
+import yaml
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from conftest import start_receiver
+from conftest import BASE_CONFIG, REPO, merge, start_receiver
 from fstrm_client import FstrmClient, capture_frames, free_tcp_port
 from test_dnstap_output import read_stream
 
@@ -152,3 +154,43 @@ def test_live_receiver_stores_what_it_receives(tmp_path):
         client.stop()
     assert receiver.stop() == 0
     assert read_stream(path.read_bytes()) == (frames, True)
+
+
+@pytest.mark.integration
+def test_capture_live_unbound_then_replay_gives_the_same_messages(tmp_path):
+    """unbound under dnsperf -> the receiver's dnstap-file (and JSON file)
+    -> --replay of that capture -> the same messages, field for field."""
+    for program in ("unbound", "dnsperf"):
+        peers.require(program)
+    port = free_tcp_port()
+    live_json = tmp_path / "live.jsonl"
+    capture = tmp_path / "live.fstrm"
+    receiver = start_receiver(tmp_path / "rx", {
+        "input": {"tcp-socket": {"enable": True, "local-address": "127.0.0.1", "local-port": port}},
+        "latency": {"enable": False},
+        "output": {"file": {"enable": True, "format": "json", "file": str(live_json)},
+                   "dnstap-file": {"enable": True, "file": str(capture)}},
+    })
+    queries = tmp_path / "queries.txt"
+    peers.write_queries(queries, 300)
+    dns_port = peers.free_port(udp_too=True)
+    unbound = peers.start_unbound(tmp_path / "unbound", dns_port, f"tcp:127.0.0.1:{port}")
+    try:
+        stats = peers.run_dnsperf(dns_port, queries, runs=1, qps=2000)
+    finally:
+        assert peers.stop_unbound(unbound) == 0
+    assert stats["completed"] == 300
+    assert receiver.stop() == 0
+    live = sorted(live_json.read_bytes().splitlines())
+    assert len(live) == 600
+
+    replayed_json = tmp_path / "replayed.jsonl"
+    conf = tmp_path / "replay.yaml"
+    conf.write_text(yaml.safe_dump(merge(BASE_CONFIG, {
+        "latency": {"enable": False},
+        "output": {"file": {"enable": True, "format": "json", "file": str(replayed_json)}},
+    })))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--runner=DirectRunner", "-c", str(conf),
+                           "--replay", str(capture)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(replayed_json.read_bytes().splitlines()) == live

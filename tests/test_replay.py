@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from test_cli import run_cli
 
 from core.batches import FrameBatch
 from core.formats import get_format
+from core.framestream import encode_stream
 from core.message import decode
 from sources.capture_io import NoCaptureMatch, ReadFromCaptures, expand_patterns
 
@@ -207,3 +209,33 @@ def test_pcap_replay_gives_the_dns_exchanges(tmp_path):
     assert all(r["identity"] == "lab-capture" for r in records)
     responses = [r for r in records if r["type"] == "response"]
     assert all(isinstance(r["latency"], float) and r["latency"] >= 0 for r in responses)  # matched to their queries
+
+
+def test_progress_line_on_a_terminal_only(tmp_path):
+    capture = REPO / "tests" / "data" / "captures" / "unbound-tcp.fstrm"
+    big = tmp_path / "big.fstrm"  # long enough to be seen running
+    frames = capture_frames() * 150
+    big.write_bytes(encode_stream(frames))
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(merge(BASE_CONFIG, {
+        "output": {"file": {"enable": True, "format": "json", "file": str(tmp_path / "out.jsonl")}},
+    })))
+    cmd = [sys.executable, "-m", "pipeline", "--runner=DirectRunner", "-c", str(conf), "--replay", str(big)]
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=secondary)
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(120) == 0
+    os.close(primary)
+    assert re.search(rb"\rreplay: [01]/1 files, [\d,]+ messages, [\d,]+ messages/s", seen), seen[-2000:]
+    piped = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120)
+    assert piped.returncode == 0 and b"\r" not in piped.stderr
+    assert capture.exists()
