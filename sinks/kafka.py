@@ -54,7 +54,6 @@ import logging
 
 import apache_beam as beam
 
-from core.formats import get_format
 from sinks.network import DeliverFn
 
 __all__ = [
@@ -287,19 +286,13 @@ class _WriteKafkaFn(DeliverFn):
         servers = producer.get("bootstrap_servers")
         if isinstance(servers, (list, tuple)):
             servers = ",".join(servers)
-        super().__init__(options, describe=f"kafka {servers} topic {topic}")
-        get_format(fmt)
+        super().__init__(options, describe=f"kafka {servers} topic {topic}", fmt=fmt)
         self._topic = topic
         self._producer = dict(producer)
-        self._fmt = fmt
         self._key = key
 
     def make_transport(self) -> KafkaTransport:
         return KafkaTransport(self._topic, self._producer)
-
-    def setup(self) -> None:
-        self._format = get_format(self._fmt)
-        super().setup()
 
     def encode(self, records):
         if not records:

@@ -15,6 +15,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from core.formats import get_format
 from sinks.delivery import Delivery, DeliveryOptions, Transport
 
 __all__ = ["DeliverFn", "DeliveryOptions", "acquire", "release"]
@@ -57,13 +58,18 @@ def release(delivery: Delivery) -> None:
 class DeliverFn(beam.DoFn):
     """Base of the network outputs' DoFns. Subclasses set NAME and define
     ``make_transport()`` (a new Transport; runs on the worker) and
-    ``encode(records)`` -> (chunk, messages) or None to skip the batch."""
+    ``encode(records)`` -> (chunk, messages) or None to skip the batch;
+    with ``fmt`` (text, json, yaml) ``self._format`` is that core.formats
+    Format on the worker."""
 
     NAME = "network"
 
-    def __init__(self, options: DeliveryOptions, describe: str = "") -> None:
+    def __init__(self, options: DeliveryOptions, describe: str = "", fmt: str | None = None) -> None:
         self._options = options
         self._describe = describe
+        if fmt is not None:
+            get_format(fmt)  # a bad name fails when the pipeline is built
+        self._fmt = fmt
 
     def make_transport(self) -> Transport:
         raise NotImplementedError
@@ -72,6 +78,8 @@ class DeliverFn(beam.DoFn):
         raise NotImplementedError
 
     def setup(self) -> None:
+        if self._fmt is not None:
+            self._format = get_format(self._fmt)
         self._delivery = acquire(self.NAME, self.make_transport, self._options, self._describe)
         self._queued = Metrics.counter("dnstap_receiver", f"output_{self.NAME}_queued")
 

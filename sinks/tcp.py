@@ -20,7 +20,6 @@ import time
 
 import apache_beam as beam
 
-from core.formats import get_format
 from sinks.network import DeliverFn
 
 __all__ = ["TcpStream", "WriteToTcp"]
@@ -95,18 +94,12 @@ class _WriteTcpFn(DeliverFn):
     NAME = "tcp-socket"
 
     def __init__(self, host: str, port: int, fmt: str, delimiter: bytes, options) -> None:
-        super().__init__(options, describe=f"tcp://{host}:{port}")
-        get_format(fmt)
+        super().__init__(options, describe=f"tcp://{host}:{port}", fmt=fmt)
         self._host, self._port = host, port
-        self._fmt = fmt
         self._delimiter = delimiter
 
     def make_transport(self) -> TcpStream:
         return TcpStream(self._host, self._port)
-
-    def setup(self) -> None:
-        self._format = get_format(self._fmt)
-        super().setup()
 
     def encode(self, records):
         if not records:
