@@ -51,6 +51,7 @@ from typing import BinaryIO
 
 from core.batches import FrameBatch
 from core.capture import DEFAULT_BATCH_SIZE, CaptureDamage
+from core.dnstap_wire import identity_field, varint
 
 __all__ = [
     "DEFAULT_DNS_PORTS",
@@ -106,17 +107,6 @@ _HEADS = {
     for proto in (1, 2)
 }
 _DNSTAP_TAIL = b"\x78\x01"  # Dnstap.type = MESSAGE
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def is_pcap(head: bytes) -> bool:
@@ -197,8 +187,6 @@ class PcapReader:
             raise ValueError(f"max_flows must be >= 1, got {max_flows!r}")
         if max_flow_buffer < 2:
             raise ValueError(f"max_flow_buffer must be >= 2, got {max_flow_buffer!r}")
-        if isinstance(identity, str):
-            identity = identity.encode()
         self.path = path
         self.batch_size = batch_size
         self.dns_ports = frozenset(dns_ports)
@@ -208,7 +196,7 @@ class PcapReader:
         self.stats = PcapStats()
         self.damage: CaptureDamage | None = None
         self.format: str | None = None
-        self._prefix = b"\x0a" + _varint(len(identity)) + identity if identity else b""
+        self._prefix = identity_field(identity) if identity else b""
         self._stream = stream
         self._out = FrameBatch()
         self._flows: dict[tuple, _Flow] = {}
@@ -724,21 +712,21 @@ class PcapReader:
             body = b"".join((
                 _HEADS[_CLIENT_RESPONSE, family, proto],
                 b"\x22", alen, dst, b"\x2a", alen, src,
-                b"\x30", _varint(dport), b"\x38", _varint(sport),
-                b"\x60", _varint(sec), b"\x6d", _NSEC.pack(nsec),
-                b"\x72", _varint(len(wire)), wire,
+                b"\x30", varint(dport), b"\x38", varint(sport),
+                b"\x60", varint(sec), b"\x6d", _NSEC.pack(nsec),
+                b"\x72", varint(len(wire)), wire,
             ))
         else:
             stats.queries += 1
             body = b"".join((
                 _HEADS[_CLIENT_QUERY, family, proto],
                 b"\x22", alen, src, b"\x2a", alen, dst,
-                b"\x30", _varint(sport), b"\x38", _varint(dport),
-                b"\x40", _varint(sec), b"\x4d", _NSEC.pack(nsec),
-                b"\x52", _varint(len(wire)), wire,
+                b"\x30", varint(sport), b"\x38", varint(dport),
+                b"\x40", varint(sec), b"\x4d", _NSEC.pack(nsec),
+                b"\x52", varint(len(wire)), wire,
             ))
         stats.dns_messages += 1
-        self._out.append(b"".join((self._prefix, b"\x72", _varint(len(body)), body, _DNSTAP_TAIL)))
+        self._out.append(b"".join((self._prefix, b"\x72", varint(len(body)), body, _DNSTAP_TAIL)))
 
 
 def read_pcap(

@@ -37,6 +37,8 @@ from apache_beam.metrics import Metrics
 
 from core import counters
 from core.dnstap_pb2 import Dnstap
+from core.dnstap_wire import IDENTITY_TAG
+from core.dnstap_wire import identity_field as encode_identity
 from core.framestream import (
     ACCEPT,
     CONTENT_TYPE_DNSTAP,
@@ -66,25 +68,9 @@ log = logging.getLogger("dnstap_receiver.output")
 _warned_no_raw = False  # once per process: the cause is the pipeline, not the data
 
 _U32 = struct.Struct(">I")
-_IDENTITY_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
 
 
 # -- identity rewrite ----------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_identity(identity: str | bytes) -> bytes:
-    """Field 1 of a Dnstap message holding ``identity`` (tag, length, value)."""
-    value = identity.encode() if isinstance(identity, str) else bytes(identity)
-    return bytes((_IDENTITY_TAG,)) + _varint(len(value)) + value
 
 
 class _Irregular(Exception):
@@ -136,7 +122,7 @@ def rewrite_identity(payload: bytes, identity_field: bytes) -> bytes:
                 else:
                     length, p = _read_varint(payload, p)
                     end = p + length
-                if tag == _IDENTITY_TAG:
+                if tag == IDENTITY_TAG:
                     if first is None:
                         first = (pos, end)
                     else:
