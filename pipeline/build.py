@@ -128,6 +128,17 @@ def stats_spec(config: Config) -> StatsSpec:
     )
 
 
+# Outputs whose PTransform takes their config section as it is.
+_SECTION_SINKS = (
+    ("tcp_socket", WriteToTcp),
+    ("syslog", WriteToSyslog),
+    ("dnstap", WriteToDnstap),
+    ("dnstap_file", WriteToDnstapFile),
+    ("kafka", WriteToKafka),
+    ("pgsql", WriteToPostgres),
+)
+
+
 def needs_raw(config: Config) -> bool:
     """Whether an output writes the original dnstap bytes (decode keeps them)."""
     return config.output.dnstap.enable or config.output.dnstap_file.enable
@@ -153,18 +164,10 @@ def add_outputs(records, config: Config) -> None:
         records | "WriteMetrics" >> WriteMetrics(
             interval=m.interval, cumulative=m.cumulative, path=m.file, max_size=m.file_max_size, count=m.file_count
         )
-    if out.tcp_socket.enable:
-        records | "WriteToTcp" >> WriteToTcp(out.tcp_socket)
-    if out.syslog.enable:
-        records | "WriteToSyslog" >> WriteToSyslog(out.syslog)
-    if out.dnstap.enable:
-        records | "WriteToDnstap" >> WriteToDnstap(out.dnstap)
-    if out.dnstap_file.enable:
-        records | "WriteToDnstapFile" >> WriteToDnstapFile(out.dnstap_file)
-    if out.kafka.enable:
-        records | "WriteToKafka" >> WriteToKafka(out.kafka)
-    if out.pgsql.enable:
-        records | "WriteToPostgres" >> WriteToPostgres(out.pgsql)
+    for section, sink in _SECTION_SINKS:
+        options = getattr(out, section)
+        if options.enable:
+            records | sink.__name__ >> sink(options)
 
 
 def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec | None = None) -> beam.Pipeline:

@@ -42,7 +42,7 @@ __all__ = ["METRICS_NAMESPACE", "NoCaptureMatch", "ReadFromCaptures", "expand_pa
 log = logging.getLogger("dnstap_receiver.replay")
 
 METRICS_NAMESPACE = "replay"
-STATS = counters.counter_group("replay")
+STATS = counters.counter_group(METRICS_NAMESPACE)
 
 
 class NoCaptureMatch(ConfigError):
