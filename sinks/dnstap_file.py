@@ -31,6 +31,7 @@ from core import counters
 from core.framestream import CONTENT_TYPE_DNSTAP, START, STOP, encode_control
 from sinks.dnstap import encode_frames
 from sinks.rotating import shift_backups
+from sinks.shared import SharedRegistry
 
 __all__ = ["FrameStreamFile", "WriteToDnstapFile"]
 
@@ -106,29 +107,18 @@ class FrameStreamFile:
             self._finish()
 
 
-_OPEN: dict[str, tuple[FrameStreamFile, int]] = {}
-_OPEN_LOCK = threading.Lock()
+_OPEN = SharedRegistry()
 
 
 def _acquire(path: str, max_size: int, count: int, interval: float) -> FrameStreamFile:
-    key = os.path.abspath(path)
-    with _OPEN_LOCK:
-        entry = _OPEN.get(key)
-        writer = entry[0] if entry else FrameStreamFile(path, max_size, count, interval)
-        _OPEN[key] = (writer, (entry[1] if entry else 0) + 1)
-        return writer
+    return _OPEN.acquire(os.path.abspath(path), lambda: FrameStreamFile(path, max_size, count, interval))
 
 
 def _release(writer: FrameStreamFile) -> None:
-    key = os.path.abspath(writer.path)
-    with _OPEN_LOCK:
-        _, users = _OPEN[key]
-        if users > 1:
-            _OPEN[key] = (writer, users - 1)
-            return
-        del _OPEN[key]
-    with writer.lock:
-        writer.close()
+    last = _OPEN.release(os.path.abspath(writer.path))
+    if last is not None:
+        with last.lock:
+            last.close()
 
 
 class _WriteDnstapFileFn(beam.DoFn):

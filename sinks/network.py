@@ -9,7 +9,6 @@ torn down: at the end of a replay or when the live receiver stops.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import apache_beam as beam
@@ -17,42 +16,35 @@ from apache_beam.metrics import Metrics
 
 from core.formats import get_format
 from sinks.delivery import Delivery, DeliveryOptions, Transport
+from sinks.shared import SharedRegistry
 
 __all__ = ["DeliverFn", "DeliveryOptions", "acquire", "release"]
 
 
-_LOCK = threading.Lock()
-_SHARED: dict[str, tuple[Delivery, int]] = {}
+_SHARED = SharedRegistry()
 
 
 def acquire(name: str, transport: Any, options: DeliveryOptions, describe: str = "") -> Delivery:
     """The process's Delivery for output ``name``, created with
     ``transport()`` (a Transport factory) on first use."""
-    with _LOCK:
-        entry = _SHARED.get(name)
-        if entry is None:
-            delivery = Delivery(
-                name,
-                transport(),
-                retry=options.retry,
-                buffer_size=options.buffer_size,
-                flush_timeout=options.flush_timeout,
-                describe=describe,
-            )
-            entry = (delivery, 0)
-        _SHARED[name] = (entry[0], entry[1] + 1)
-        return entry[0]
+    return _SHARED.acquire(
+        name,
+        lambda: Delivery(
+            name,
+            transport(),
+            retry=options.retry,
+            buffer_size=options.buffer_size,
+            flush_timeout=options.flush_timeout,
+            describe=describe,
+        ),
+    )
 
 
 def release(delivery: Delivery) -> None:
     """Give ``delivery`` back; the last user closes (flushes) it."""
-    with _LOCK:
-        shared, users = _SHARED[delivery.name]
-        if users > 1:
-            _SHARED[delivery.name] = (shared, users - 1)
-            return
-        del _SHARED[delivery.name]
-    delivery.close()
+    last = _SHARED.release(delivery.name)
+    if last is not None:
+        last.close()
 
 
 class DeliverFn(beam.DoFn):

@@ -93,7 +93,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timezone
+from datetime import UTC, date, datetime
 from datetime import time as dtime
 from io import BytesIO
 from typing import Any

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import threading
 
+from sinks.shared import SharedRegistry
+
 __all__ = ["RotatingFile", "open_shared", "shift_backups"]
 
 _BUFFER = 1 << 20
@@ -27,7 +29,6 @@ class RotatingFile:
         self.lock = threading.Lock()
         self._file = open(path, "ab", buffering=_BUFFER)
         self._size = self._file.tell()
-        self._users = 0
 
     def write_batch(self, data: bytes, units) -> int:
         """Write ``data``: whole units (lines, YAML documents), each followed by
@@ -102,26 +103,19 @@ def shift_backups(path: str, count: int) -> None:
         pass
 
 
-_OPEN: dict[str, RotatingFile] = {}
-_OPEN_LOCK = threading.Lock()
+_OPEN = SharedRegistry()
 
 
 def open_shared(path: str, max_size: int, count: int) -> RotatingFile:
     """The process's writer for ``path``: DoFn instances come and go (and may
     overlap) on a runner, but one file must have one size count and one rotation."""
-    key = os.path.abspath(path)
-    with _OPEN_LOCK:
-        rf = _OPEN.get(key)
-        if rf is None or rf._file.closed:
-            rf = _OPEN[key] = RotatingFile(path, max_size, count)
-        rf._users += 1
-        return rf
+    return _OPEN.acquire(
+        os.path.abspath(path), lambda: RotatingFile(path, max_size, count), stale=lambda rf: rf._file.closed
+    )
 
 
 def release_shared(rf: RotatingFile) -> None:
-    with _OPEN_LOCK:
-        rf._users -= 1
-        if rf._users <= 0:
-            with rf.lock:
-                rf.close()
-            _OPEN.pop(os.path.abspath(rf.path), None)
+    last = _OPEN.release(os.path.abspath(rf.path))
+    if last is not None:
+        with last.lock:
+            last.close()

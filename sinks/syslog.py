@@ -48,7 +48,7 @@ import logging
 import os
 import socket
 import time
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from logging.handlers import SysLogHandler
 from typing import TYPE_CHECKING
 
