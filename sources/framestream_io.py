@@ -88,12 +88,12 @@ class _DrainHubFn(beam.DoFn):
 
 
 class ReadFromFrameStream(beam.PTransform):
-    """Batches (lists) of raw dnstap frames from the Frame Streams servers of ``spec``."""
+    """Batches (lists) of raw dnstap frames from the live inputs of ``spec``."""
 
     def __init__(self, spec: HubSpec) -> None:
         super().__init__()
-        if not spec.tcp and not spec.unix:
-            raise ValueError("ReadFromFrameStream needs at least one TCP or unix socket server")
+        if not spec.tcp and not spec.unix and not spec.feeders:
+            raise ValueError("ReadFromFrameStream needs at least one live input")
         self._spec = spec
 
     def expand(self, pbegin):

@@ -34,6 +34,7 @@ __all__ = [
     "HubSpec",
     "ListenerHub",
     "ListenerStats",
+    "ReaderProtocol",
     "TcpServerSpec",
     "UnixServerSpec",
     "get_hub",
@@ -66,10 +67,19 @@ class UnixServerSpec:
 
 @dataclass(frozen=True)
 class HubSpec:
-    """Everything that identifies one set of listening inputs in a process."""
+    """Everything that identifies one set of live inputs in a process.
+
+    ``feeders`` are the inputs that are not servers (a TCP client, the
+    sniffer): frozen specs with ``async open(hub)``, awaited on the hub's loop
+    when it starts (it may raise ConfigError), returning a handle whose
+    ``async close()`` the hub awaits at shutdown before it hands over its last
+    batch. A feeder delivers frames either through :class:`ReaderProtocol`
+    connections or from its own thread with :meth:`ListenerHub.feed_threadsafe`.
+    """
 
     tcp: tuple[TcpServerSpec, ...] = ()
     unix: tuple[UnixServerSpec, ...] = ()
+    feeders: tuple = ()
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     batch_size: int = 512
     queue_size: int = 64
@@ -93,6 +103,7 @@ class ListenerStats:
     ignored_controls: int = 0
     blocked_seconds: float = 0.0
     blocked_episodes: int = 0
+    feed_dropped: int = 0  # frames fed from a thread while the pipeline was behind
     errors_by_reason: dict = field(default_factory=collections.Counter)
 
     def snapshot(self) -> dict:
@@ -156,8 +167,8 @@ def _peer_ip(peername) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-class _Connection(asyncio.Protocol):
-    """One Frame Streams sender."""
+class ReaderProtocol(asyncio.Protocol):
+    """One Frame Streams sender, on a connection we accepted or made."""
 
     def __init__(self, hub: "ListenerHub", label: str, acl) -> None:
         self.hub = hub
@@ -262,12 +273,13 @@ class ListenerHub:
         self.queue = BatchQueue(spec.queue_size)
         self.batch = FrameBatch()
         self.blocked = False
-        self.connections: set[_Connection] = set()
+        self.connections: set[ReaderProtocol] = set()
         self.addresses: list[str] = []
         self._blocked_since = 0.0
         self._blocked_pending = 0.0  # blocked seconds not reported in a log line yet
         self._next_blocked_log = 0.0
         self._servers: list[asyncio.AbstractServer] = []
+        self._feeders: list = []  # handles returned by the feeders' open()
         self._unix_paths: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -282,14 +294,16 @@ class ListenerHub:
         with self._lock:
             if self._thread is not None:
                 return self
-            loop = asyncio.new_event_loop()
+            # Set first: feeders opened below may call feed_threadsafe at once
+            # (the calls wait for the loop thread).
+            loop = self._loop = asyncio.new_event_loop()
             try:
                 loop.run_until_complete(self._open_servers())
             except BaseException:
                 loop.run_until_complete(self._close_servers())
                 loop.close()
+                self._loop = None
                 raise
-            self._loop = loop
             self.queue.on_space = self._wake
             self._thread = threading.Thread(target=self._run, name="dnstap-listener", daemon=True)
             self._thread.start()
@@ -325,7 +339,7 @@ class ListenerHub:
             for host in tcp.addresses:
                 try:
                     server = await loop.create_server(
-                        lambda lbl=label, a=acl: _Connection(self, lbl, a),
+                        lambda lbl=label, a=acl: ReaderProtocol(self, lbl, a),
                         host=host,
                         port=tcp.port,
                         ssl=ctx,
@@ -347,7 +361,7 @@ class ListenerHub:
                 sock.bind(unix.path)
                 os.chmod(unix.path, unix.mode)
                 server = await loop.create_unix_server(
-                    lambda: _Connection(self, "unix-socket", None), sock=sock
+                    lambda: ReaderProtocol(self, "unix-socket", None), sock=sock
                 )
             except OSError as exc:
                 sock.close()
@@ -356,10 +370,16 @@ class ListenerHub:
             self._unix_paths.append(unix.path)
             self.addresses.append(f"unix:{unix.path}")
             log.info("unix-socket input listening on %s (mode %o)", unix.path, unix.mode)
+        for feeder in self.spec.feeders:
+            self._feeders.append(await feeder.open(self))
 
     async def _close_servers(self) -> None:
         for server in self._servers:
             server.close()
+        for handle in self._feeders:
+            await handle.close()
+        self._feeders.clear()
+        await asyncio.sleep(0)  # run the feed_threadsafe calls the feeders left
         for path in self._unix_paths:
             try:
                 os.unlink(path)
@@ -385,6 +405,24 @@ class ListenerHub:
             self.stats.blocked_episodes += 1
             for conn in self.connections:
                 conn.transport.pause_reading()
+
+    def feed_threadsafe(self, frames: list[bytes]) -> None:
+        """Add frames from another thread. A thread cannot be paused like a
+        socket: while the pipeline is behind its frames are dropped and
+        counted (``feed_dropped``), so memory stays bounded."""
+        try:
+            self._loop.call_soon_threadsafe(self._feed, frames)
+        except RuntimeError:
+            self.stats.feed_dropped += len(frames)  # the loop has closed: shutdown
+
+    def _feed(self, frames: list[bytes]) -> None:
+        if self.blocked:
+            self.stats.feed_dropped += len(frames)
+            return
+        self.batch.extend(frames)
+        self.stats.frames += len(frames)
+        if len(self.batch) >= self.spec.batch_size:
+            self.hand_over()
 
     def _wake(self) -> None:
         # Called from the pipeline thread; the loop may have just closed at shutdown.

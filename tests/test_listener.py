@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -665,3 +666,61 @@ def test_shutdown_closes_a_sender_that_ignores_finish(hubs):
     assert close_hub(hub) == sent
     assert hub.stats.active == 0
     assert hub.stats.partial_frames_dropped == 1
+
+
+# --------------------------------------------------------------------------- feeders
+
+
+@dataclass(frozen=True)
+class ThreadFeeder:
+    """A feeder that sends ``count`` frames from its own thread, in chunks."""
+
+    count: int
+    chunk: int = 100
+    fail: bool = False
+
+    async def open(self, hub: ListenerHub):
+        if self.fail:
+            raise ConfigError("feeder: cannot open")
+        return _ThreadFeed(hub, self)
+
+
+class _ThreadFeed:
+    def __init__(self, hub: ListenerHub, spec: ThreadFeeder) -> None:
+        self.closed = False
+        frames = payloads(spec.count, "feed")
+        chunks = [frames[i:i + spec.chunk] for i in range(0, len(frames), spec.chunk)]
+        self.thread = threading.Thread(target=lambda: [hub.feed_threadsafe(c) for c in chunks])
+        self.thread.start()
+
+    async def close(self) -> None:
+        self.thread.join()
+        self.closed = True
+
+
+def test_feeder_frames_reach_the_queue_in_order(hubs):
+    hub = hubs(tcp=(), feeders=(ThreadFeeder(1_000),), batch_size=64)
+    assert collect(hub, 1_000) == payloads(1_000, "feed")
+    assert hub.stats.frames == 1_000 and hub.stats.feed_dropped == 0
+    assert close_hub(hub) == []
+
+
+def test_feeder_is_closed_before_the_last_batch(hubs):
+    """Frames fed until close() returns are handed over before END."""
+    hub = hubs(tcp=(), feeders=(ThreadFeeder(5_000, chunk=7),), batch_size=10_000, queue_size=4)
+    assert close_hub(hub) == payloads(5_000, "feed")
+
+
+def test_feeder_drops_and_counts_while_the_pipeline_is_behind(hubs):
+    hub = hubs(tcp=(), feeders=(ThreadFeeder(20_000, chunk=10),), batch_size=10, queue_size=2)
+    wait_until(lambda: hub.stats.frames + hub.stats.feed_dropped == 20_000, what="all frames fed")
+    assert hub.stats.feed_dropped > 0
+    taken = close_hub(hub)
+    assert len(taken) == hub.stats.frames
+    assert len(taken) + hub.stats.feed_dropped == 20_000
+    assert taken == sorted(taken), "frames reordered"
+
+
+def test_feeder_open_error_stops_the_start(hubs):
+    with pytest.raises(ConfigError, match="cannot open"):
+        hubs(feeders=(ThreadFeeder(1, fail=True),))
