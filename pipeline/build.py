@@ -19,6 +19,7 @@ from sinks.syslog import WriteToSyslog
 from sinks.tcp import WriteToTcp
 from sources.framestream_io import ReadFromFrameStream
 from sources.listener import HubSpec, TcpServerSpec, UnixServerSpec
+from sources.tcp_client import TcpClientSpec
 from transforms.decode import DecodeDnstap
 from transforms.filter import FilterMessages
 from transforms.geoip import EnrichGeoIP
@@ -64,9 +65,23 @@ def hub_spec(config: Config) -> HubSpec:
     unix = ()
     if inp.unix_socket.enable:
         unix = (UnixServerSpec(path=inp.unix_socket.path, mode=inp.unix_socket.mode),)
+    feeders = []
+    if inp.tcp_client.enable:
+        c = inp.tcp_client
+        feeders.append(
+            TcpClientSpec(
+                address=c.remote_address,
+                port=c.remote_port,
+                retry=c.retry,
+                tls=c.tls_support,
+                tls_ca_file=c.tls_ca_file,
+                tls_insecure=c.tls_insecure,
+            )
+        )
     return HubSpec(
         tcp=tcp,
         unix=unix,
+        feeders=tuple(feeders),
         max_frame_size=inp.max_frame_size,
         batch_size=inp.batch_size,
         queue_size=inp.queue_size,

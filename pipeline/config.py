@@ -7,7 +7,7 @@ Field names are the YAML keys with ``-`` replaced by ``_``.
 The dataclass defaults below are the single source of the default values;
 ``dnstap.conf`` documents them and a test checks both agree. Sections that
 this release does not use yet (web-api, geoip, statistics, filter, the
-sniffer and tcp-client inputs, all outputs but stdout and file) are kept as
+sniffer input, all outputs but stdout and file) are kept as
 plain dicts with 4.7.0's keys.
 
 Entry points:
@@ -58,6 +58,7 @@ __all__ = [
     "InputOptions",
     "OutputOptions",
     "StdoutOutput",
+    "TcpClientInput",
     "TcpSocketInput",
     "TraceOptions",
     "UnixSocketInput",
@@ -93,7 +94,6 @@ _SNIFFER = {
     "forwarder-query-support": True,
     "forwarder-response-support": True,
 }
-_TCP_CLIENT = {"enable": False, "retry": 1, "remote-address": None, "remote-port": None}
 _KAFKA = {
     "rdkafka-config": {
         "bootstrap.servers": None,
@@ -166,6 +166,20 @@ class UnixSocketInput:
 
 
 @dataclass(frozen=True)
+class TcpClientInput:
+    """``input.tcp-client``: connect to a dnstap sender that listens and read
+    its Frame Streams (TLS optional); reconnect every ``retry`` seconds."""
+
+    enable: bool = False
+    retry: float = 1.0
+    remote_address: str | None = None
+    remote_port: int | None = None
+    tls_support: bool = False
+    tls_ca_file: str | None = None
+    tls_insecure: bool = False
+
+
+@dataclass(frozen=True)
 class InputOptions:
     """``input``."""
 
@@ -175,7 +189,7 @@ class InputOptions:
     batch_size: int = 512
     queue_size: int = 64
     sniffer: dict = _dict_default(_SNIFFER)
-    tcp_client: dict = _dict_default(_TCP_CLIENT)
+    tcp_client: TcpClientInput = field(default_factory=TcpClientInput)
 
 
 @dataclass(frozen=True)
@@ -444,7 +458,7 @@ class Config:
 
 
 # Dict-valued inputs/outputs that exist in 4.7.0 but are not implemented here.
-_UNSUPPORTED_INPUTS = ("sniffer", "tcp-client")
+_UNSUPPORTED_INPUTS = ("sniffer",)
 _UNSUPPORTED_OUTPUTS = ("rabbitmq", "elasticsearch")
 
 # --------------------------------------------------------------------------
@@ -694,6 +708,25 @@ def _unix_socket(data: Mapping) -> UnixSocketInput:
     return UnixSocketInput(enable=enable, path=path, mode=mode)
 
 
+def _tcp_client(data: Mapping) -> TcpClientInput:
+    s = _Section(data, "input.tcp-client")
+    enable = s.bool("enable")
+    remote = _remote(s, enable)
+    if remote["remote_address"] is not None:
+        remote["remote_address"] = _normalize_address(remote["remote_address"], s.key("remote-address"))
+    ca_file = s.opt_str("tls-ca-file")
+    if enable and ca_file is not None and not os.path.isfile(ca_file):
+        raise ConfigError(f"{s.key('tls-ca-file')}: no such file: {ca_file}")
+    return TcpClientInput(
+        enable=enable,
+        retry=s.number("retry", 0.01),
+        tls_support=s.bool("tls-support"),
+        tls_ca_file=ca_file,
+        tls_insecure=s.bool("tls-insecure"),
+        **remote,
+    )
+
+
 def _unsupported(data: Mapping, prefix: str) -> dict:
     if _Section(data, prefix).bool("enable"):
         raise ConfigError(f"{prefix}: not supported yet by this receiver")
@@ -715,7 +748,7 @@ def _input(data: Mapping) -> InputOptions:
         batch_size=s.int("batch-size", 1),
         queue_size=s.int("queue-size", 1),
         sniffer=_unsupported(data["sniffer"], "input.sniffer"),
-        tcp_client=_unsupported(data["tcp-client"], "input.tcp-client"),
+        tcp_client=_tcp_client(data["tcp-client"]),
     )
 
 
@@ -1156,9 +1189,10 @@ def _latency(data: Mapping) -> LatencyOptions:
 
 
 def _check_input_enabled(config: Config) -> None:
-    if not (config.input.tcp_socket.enable or config.input.unix_socket.enable):
+    inp = config.input
+    if not (inp.tcp_socket.enable or inp.unix_socket.enable or inp.tcp_client.enable):
         raise ConfigError(
-            "input: no input enabled; enable input.tcp-socket or input.unix-socket"
+            "input: no input enabled; enable input.tcp-socket, input.unix-socket or input.tcp-client"
         )
 
 

@@ -104,6 +104,10 @@ class ListenerStats:
     blocked_seconds: float = 0.0
     blocked_episodes: int = 0
     feed_dropped: int = 0  # frames fed from a thread while the pipeline was behind
+    # input.tcp-client: connections tried, made, and failed (refused, timeout, TLS, name)
+    client_attempts: int = 0
+    client_connects: int = 0
+    client_connect_errors: int = 0
     errors_by_reason: dict = field(default_factory=collections.Counter)
 
     def snapshot(self) -> dict:
@@ -199,6 +203,9 @@ class ReaderProtocol(asyncio.Protocol):
         self.hub.connections.add(self)
         if self.hub.blocked:
             transport.pause_reading()
+        self.log_opened()
+
+    def log_opened(self) -> None:
         log.info("%s: connection from %s", self.label, self.peer)
 
     def data_received(self, data: bytes) -> None:
@@ -231,8 +238,12 @@ class ReaderProtocol(asyncio.Protocol):
         stats = self.hub.stats
         stats.protocol_errors += 1
         stats.errors_by_reason[type(exc).__name__] += 1
-        log.warning("%s: dropping connection from %s: %s", self.label, self.peer, exc)
+        self.log_failure(exc)
         self.transport.abort()
+
+    def log_failure(self, exc: FrameStreamError) -> None:
+        # A subclass that reconnects by itself (sources/tcp_client.py) rate-limits these.
+        log.warning("%s: dropping connection from %s: %s", self.label, self.peer, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         hub = self.hub

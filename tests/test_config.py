@@ -572,7 +572,7 @@ def test_unsupported_outputs_refused_when_enabled(section):
     assert getattr(cfg.output, section.replace("-", "_"))["enable"] is False
 
 
-@pytest.mark.parametrize("section", ["sniffer", "tcp-client"])
+@pytest.mark.parametrize("section", ["sniffer"])
 def test_unsupported_inputs_refused_when_enabled(section):
     assert error_of({"input": {section: {"enable": True}}}) == (
         f"input.{section}: not supported yet by this receiver"
