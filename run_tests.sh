@@ -17,8 +17,8 @@ cd "$(dirname "$0")"
 
 log() { echo "run_tests.sh: $*" >&2; }
 
-PEER_PROGRAMS=(unbound fstrm_replay fstrm_capture dnstap-ldns dnstap dnsperf dig ip unshare prometheus rsyslogd tcpdump systemd-analyze systemd-sysusers)
-PEER_PACKAGES=(unbound fstrm-bin dnstap-ldns golang-github-dnstap-golang-dnstap-cli dnsperf bind9-dnsutils iproute2 util-linux prometheus rsyslog postgresql tcpdump systemd)
+PEER_PROGRAMS=(unbound fstrm_replay fstrm_capture dnstap-ldns dnstap dnsperf dig ip unshare prometheus rsyslogd tcpdump systemd-analyze systemd-sysusers chromium chromedriver)
+PEER_PACKAGES=(unbound fstrm-bin dnstap-ldns golang-github-dnstap-golang-dnstap-cli dnsperf bind9-dnsutils iproute2 util-linux prometheus rsyslog postgresql tcpdump systemd chromium chromium-driver)
 SBIN_PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 . scripts/ensure_venv.sh

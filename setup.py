@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["core", "pipeline", "sources", "transforms", "sinks"]),
     package_data={
         "core": ["dnstap.proto", "data/public_suffix_list.dat", "data/README.md"],
-        "pipeline": ["dnstap.conf", "openapi.yaml"],
+        "pipeline": ["dnstap.conf", "openapi.yaml", "dashboard/*.html", "dashboard/*.js", "dashboard/*.css"],
     },
     install_requires=RUNTIME,
     extras_require={

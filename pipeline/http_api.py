@@ -11,7 +11,9 @@ Differences from 4.7.0, on purpose:
   ``{"error": "..."}``; 4.7.0 answered 500 for ``n=abc`` and silently fell back to the global
   counters for an unknown stream;
 - 401, 404 and 405 carry a JSON ``{"error": ...}`` body and a 401 asks for Basic auth;
-- every endpoint needs credentials, ``/metrics`` and ``/openapi.yaml`` included;
+- every endpoint needs credentials, ``/metrics`` and ``/openapi.yaml`` included, except the
+  dashboard's login form and static files (pipeline/dashboard.py; its session cookie opens
+  the dashboard only, not the API);
 - ``more=`` adds to the configured defaults for this request only (4.7.0 appended it to the
   configuration list, so extra names piled up from one request to the next);
 - ``/tables`` has 4.7.0's keys as its code served them (``rcodes``, ``clients.hit/ip``); its
@@ -36,6 +38,7 @@ from aiohttp import BasicAuth, hdrs, web
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from core.errors import ConfigError
+from pipeline.dashboard import Dashboard
 from pipeline.prometheus import new_registry
 
 __all__ = [
@@ -222,7 +225,20 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error")
 
 
-def _auth_middleware(api_key: str, login: str, password: str) -> Callable:
+def _login_checker(api_key: str, login: str, password: str) -> Callable[[str, str], bool]:
+    """The dashboard's login form: the login and password, or the API key as the password.
+    Every comparison is made whatever the others gave (constant time over the guess)."""
+
+    def check(given_login: str, given_password: str) -> bool:
+        login_ok = _same(given_login, login)
+        password_ok = _same(given_password, password) and bool(password)
+        key_ok = _same(given_password, api_key) and bool(api_key)
+        return (login_ok and password_ok) or key_ok
+
+    return check
+
+
+def _auth_middleware(api_key: str, login: str, password: str, dashboard: Dashboard) -> Callable:
     def authenticated(request: web.Request) -> bool:
         key = request.headers.get("X-API-Key")
         basic = request.headers.get(hdrs.AUTHORIZATION)
@@ -245,9 +261,12 @@ def _auth_middleware(api_key: str, login: str, password: str) -> Callable:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not authenticated(request):
-            return _error(401, "authentication required", {hdrs.WWW_AUTHENTICATE: REALM})
-        return await handler(request)
+        if dashboard.public(request) or authenticated(request) or dashboard.session(request):
+            return await handler(request)
+        refused = dashboard.refuse(request)
+        if refused is not None:
+            return refused
+        return _error(401, "authentication required", {hdrs.WWW_AUTHENTICATE: REALM})
 
     return auth
 
@@ -339,7 +358,8 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application, without a server (also what the tests list the routes of)."""
     h = _Handlers(view, list(default_counters), list(default_top), max_items)
-    app = web.Application(middlewares=[_errors, _auth_middleware(api_key, login, password)])
+    dashboard = Dashboard(view, _login_checker(api_key, login, password))
+    app = web.Application(middlewares=[_errors, _auth_middleware(api_key, login, password, dashboard)])
     app.router.add_get("/counters", h.counters, allow_head=False)
     app.router.add_get("/tables", h.tables, allow_head=False)
     app.router.add_get("/streams", h.streams, allow_head=False)
@@ -347,6 +367,7 @@ def build_app(
     app.router.add_get("/windows", h.windows, allow_head=False)
     app.router.add_get("/metrics", h.metrics, allow_head=False)
     app.router.add_get("/openapi.yaml", h.openapi, allow_head=False)
+    dashboard.add_routes(app)  # /, /dashboard, /dashboard/data, /login, /logout, static files
     return app
 
 
