@@ -52,7 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="with --replay: write the statistics of each time window as JSON lines to PATH",
     )
+    parser.add_argument(
+        "--replay-workers",
+        metavar="N",
+        type=_positive_int,
+        help="with --replay on the local runner: worker processes the files are spread over "
+        "(default: one per core, at most one per file)",
+    )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

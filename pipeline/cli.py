@@ -18,38 +18,11 @@ from core import counters
 from core.errors import ConfigError
 from pipeline.arguments import apply_overrides, parse_args
 from pipeline.config import Config, load_config, resolve_config_path
+from pipeline.logs import import_beam_quietly, setup_logging
 
 log = logging.getLogger("dnstap_receiver")
 
 SHUTDOWN_DEADLINE = 30.0  # seconds after the first signal before a forced exit
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-
-
-def _setup_logging(config: Config) -> None:
-    handler: logging.Handler
-    if config.trace.file:
-        handler = logging.FileHandler(config.trace.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    log.setLevel(logging.DEBUG if config.trace.verbose else logging.INFO)
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-
-
-def _import_beam_quietly() -> None:
-    # Importing Beam logs warnings about optional cloud client libraries on the root logger.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        import apache_beam  # noqa: F401
-    finally:
-        root.setLevel(level)
 
 
 def _format_counters() -> str:
@@ -133,19 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dnstap_receiver: error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config)
-    if args.replay_windows and not args.replay:
-        print("dnstap_receiver: error: --replay-windows needs --replay", file=sys.stderr)
-        return 2
+    setup_logging(config.trace.file, config.trace.verbose)
+    for flag, value in (("--replay-windows", args.replay_windows), ("--replay-workers", args.replay_workers)):
+        if value and not args.replay:
+            print(f"dnstap_receiver: error: {flag} needs --replay", file=sys.stderr)
+            return 2
     if args.replay:
-        _import_beam_quietly()
+        import_beam_quietly()
         from pipeline.replay import run_replay
 
-        return run_replay(config, args.replay, beam_args, windows_path=args.replay_windows)
+        return run_replay(config, args.replay, beam_args, windows_path=args.replay_windows,
+                          workers=args.replay_workers)
     source = resolve_config_path(args.c)
     log.info("config: %s", source or "built-in defaults")
 
-    _import_beam_quietly()
+    import_beam_quietly()
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.build import build_live_pipeline, hub_spec, stats_spec

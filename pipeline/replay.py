@@ -12,6 +12,15 @@ one line per window holding messages, oldest first:
 "tables" (top 10, all streams)}. Without ``--replay-windows`` no windows are
 computed (the GroupByKey they need is skipped) and only the summary is logged.
 
+On the local runner the files are spread over worker processes (one per
+core, at most one per file; ``--replay-workers``), each running the whole
+chain for the files it is given: Beam's FnApiRunner with its workers in
+subprocesses (pipeline/worker.py). The file and stdout outputs are safe to
+share between processes (sinks/rotating.py); output.dnstap-file (one Frame
+Streams stream per file) and output.metrics (per-process totals) are not, so
+either keeps the replay in one process. Latency matching is per process: a
+query and its response in files read by different workers are not paired.
+
 The summary (files, messages, damaged files with offsets, seconds,
 messages/s) is logged at the end, from the PipelineResult's metrics (so it
 holds whatever process read the files), falling back on the process counters
@@ -25,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,11 +42,12 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import orjson
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from core import counters
 from core.errors import ConfigError
+from core.progress import ProgressBoard
 from core.stats import WindowView
 from pipeline.build import (
     add_outputs,
@@ -46,11 +57,12 @@ from pipeline.build import (
     stats_spec,
 )
 from pipeline.config import Config
-from sources.capture_io import METRICS_NAMESPACE, ReadFromCaptures
+from pipeline.worker import logging_env
+from sources.capture_io import METRICS_NAMESPACE, ReadFromCaptures, expand_patterns
 from transforms.decode import DecodeDnstap
 from transforms.statistics import WindowStatistics
 
-__all__ = ["ReplaySummary", "build_replay_pipeline", "run_replay", "window_line"]
+__all__ = ["ReplaySummary", "build_replay_pipeline", "replay_workers", "run_replay", "window_line"]
 
 log = logging.getLogger("dnstap_receiver")
 
@@ -86,25 +98,23 @@ class _WriteWindows(beam.DoFn):
 
 class Progress(threading.Thread):
     """A status line on a terminal, redrawn twice a second: files done,
-    messages, messages/s. Counts come from this process's reader counters
-    (a runner with remote workers shows only the time)."""
+    messages, messages/s, read from the readers' ProgressBoard (whichever
+    process they run in on this host)."""
 
-    def __init__(self, files: int, before: dict, out=None) -> None:
+    def __init__(self, board: ProgressBoard, out=None) -> None:
         super().__init__(name="replay-progress", daemon=True)
-        self._files = files
-        self._before = before
+        self._board = board
         self._out = out or sys.stderr
         self._done = threading.Event()
         self._began = time.monotonic()
         self.start()
 
     def line(self) -> str:
-        group = counters.snapshot().get(METRICS_NAMESPACE, {})
-        files = group.get("files", 0) - self._before.get("files", 0)
-        frames = group.get("frames", 0) - self._before.get("frames", 0)
+        files, frames = self._board.totals()
         seconds = time.monotonic() - self._began
         rate = frames / seconds if seconds > 0 else 0.0
-        return f"replay: {files}/{self._files} files, {frames:,} messages, {rate:,.0f} messages/s, {seconds:.0f} s"
+        return (f"replay: {files}/{self._board.slots} files, {frames:,} messages, "
+                f"{rate:,.0f} messages/s, {seconds:.0f} s")
 
     def run(self) -> None:
         while not self._done.wait(0.5):
@@ -125,17 +135,82 @@ def _dns_ports(value) -> frozenset[int]:
     return frozenset(ports)
 
 
+# Outputs whose writers cannot be shared by several processes.
+_ONE_PROCESS_OUTPUTS = (
+    ("dnstap_file", "output.dnstap-file writes one Frame Streams stream per file"),
+    ("metrics", "output.metrics counts per process"),
+)
+
+
+def replay_workers(config: Config, options: PipelineOptions, requested: int | None, files: int) -> int:
+    """Worker processes for a replay of ``files`` files: ``requested`` or one
+    per core, at most one per file; 1 off the local runner (that runner
+    spreads the work itself), when the Beam options set the workers
+    themselves, or when an enabled output cannot be shared."""
+    if make_runner(options) is None or "direct_num_workers" in options.get_all_options(drop_default=True):
+        return 1
+    workers = min(requested or os.cpu_count() or 1, files)
+    if workers > 1:
+        for section, why in _ONE_PROCESS_OUTPUTS:
+            if getattr(config.output, section).enable:
+                log.warning("replay: %s: replaying in one process", why)
+                return 1
+    return max(1, workers)
+
+
+class _NoWorkerRelay(logging.Filter):
+    """The runner logs every record of its workers again, in its own format;
+    our workers log for themselves (pipeline/worker.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Worker: ")
+
+
+class _NoModeWarning(logging.Filter):
+    """Workers in subprocesses without direct_running_mode=multi_processing
+    (which would start Beam's own worker entry point): the FnApiRunner warns
+    that this mode is "in_memory"; it is not, our environment decides."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "direct_running_mode" not in str(record.msg)
+
+
+def _worker_runner():
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    os.environ.update(logging_env(*_log_settings()))
+    logging.getLogger("apache_beam.runners.portability.local_job_service").addFilter(_NoWorkerRelay())
+    logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").addFilter(_NoModeWarning())
+    command = f"{sys.executable} -m pipeline.worker"
+    return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
+
+
+def _log_settings() -> tuple[str | None, bool]:
+    """The main process's log file (None: standard error) and verbosity."""
+    file = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
+    return file, log.getEffectiveLevel() <= logging.DEBUG
+
+
 def build_replay_pipeline(
-    config: Config, options: PipelineOptions, patterns: list[str], windows_path: str | None = None
+    config: Config, options: PipelineOptions, patterns: list[str], windows_path: str | None = None,
+    workers: int = 1, progress_path: str | None = None,
 ) -> tuple[beam.Pipeline, list[str]]:
-    """The replay pipeline and the files it reads; NoCaptureMatch (a ConfigError) if a pattern
-    matches no file, ConfigError for transforms' bad files."""
+    """The replay pipeline and the files it reads, run by ``workers`` local
+    worker processes (1: in this process); NoCaptureMatch (a ConfigError) if
+    a pattern matches no file, ConfigError for transforms' bad files."""
     # pcap files: the sniffer's settings say which ports are DNS and the identity.
     sniffer = config.input.sniffer
     source = ReadFromCaptures(patterns, batch_size=config.input.batch_size,
                               dns_ports=_dns_ports(sniffer["dns-port"]),
-                              pcap_identity=str(sniffer["dnstap-identity"]))
-    p = beam.Pipeline(runner=make_runner(options), options=options)
+                              pcap_identity=str(sniffer["dnstap-identity"]),
+                              progress_path=progress_path)
+    if workers > 1:
+        options.view_as(DirectOptions).direct_num_workers = workers
+        runner = _worker_runner()
+    else:
+        runner = make_runner(options)
+    p = beam.Pipeline(runner=runner, options=options)
     records = (
         p
         | "ReadFromCaptures" >> source
@@ -219,18 +294,31 @@ def summarize(result, seconds: float, before: dict) -> ReplaySummary:
     return summary
 
 
-def run_replay(config: Config, patterns: list[str], beam_args: list[str], windows_path: str | None = None) -> int:
+def run_replay(config: Config, patterns: list[str], beam_args: list[str], windows_path: str | None = None,
+               workers: int | None = None) -> int:
+    """``workers``: worker processes on the local runner (None: one per core)."""
     options = PipelineOptions(beam_args)
+    board_path = None
+    if sys.stderr.isatty():
+        fd, board_path = tempfile.mkstemp(prefix="dnstap-replay-", suffix=".progress")
+        os.close(fd)
     try:
-        pipeline, paths = build_replay_pipeline(config, options, patterns, windows_path)
+        count = replay_workers(config, options, workers, len(expand_patterns(patterns)))
+        pipeline, paths = build_replay_pipeline(config, options, patterns, windows_path, count, board_path)
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)
+        if board_path:
+            os.unlink(board_path)
         return 2
-    log.info("replay: %d file(s) on %s: %s", len(paths), type(pipeline.runner).__name__, ", ".join(paths))
+    where = f"{count} worker processes" if count > 1 else type(pipeline.runner).__name__
+    log.info("replay: %d file(s) on %s: %s", len(paths), where, ", ".join(paths))
     group = counters.snapshot()
     before = {**group.get(METRICS_NAMESPACE, {}), "decoded": group.get("decode", {}).get("decoded", 0)}
     started = time.monotonic()
-    progress = Progress(len(paths), before) if sys.stderr.isatty() else None
+    progress = None
+    if board_path:
+        board = ProgressBoard(board_path, len(paths), create=True)
+        progress = Progress(board)
     try:
         result = pipeline.run()
         result.wait_until_finish()
@@ -240,6 +328,8 @@ def run_replay(config: Config, patterns: list[str], beam_args: list[str], window
     finally:
         if progress is not None:
             progress.stop()
+            board.close()
+            os.unlink(board_path)
     summary = summarize(result, time.monotonic() - started, before)
     for line in summary.lines(len(paths)):
         log.info("%s", line)

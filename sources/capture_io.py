@@ -36,6 +36,7 @@ from core.capture import (
 )
 from core.errors import ConfigError
 from core.pcap import is_pcap, read_pcap
+from core.progress import ProgressBoard
 
 __all__ = ["METRICS_NAMESPACE", "NoCaptureMatch", "ReadFromCaptures", "expand_patterns"]
 
@@ -70,19 +71,28 @@ def expand_patterns(patterns: list[str]) -> list[str]:
 
 
 class _ReadCaptureFn(beam.DoFn):
-    def __init__(self, batch_size: int, max_frame_size: int, dns_ports: frozenset[int], identity: str) -> None:
+    def __init__(self, batch_size: int, max_frame_size: int, dns_ports: frozenset[int], identity: str,
+                 progress: tuple[str, int] | None) -> None:
         self._batch_size = batch_size
         self._max_frame_size = max_frame_size
         self._dns_ports = dns_ports
         self._identity = identity
+        self._progress = progress
 
     def setup(self) -> None:
         self._files = Metrics.counter(METRICS_NAMESPACE, "files")
         self._frames = Metrics.counter(METRICS_NAMESPACE, "frames")
         self._damaged = Metrics.counter(METRICS_NAMESPACE, "damaged_files")
         self._damage = Metrics.string_set(METRICS_NAMESPACE, "damage")
+        self._board = ProgressBoard.attach(*self._progress) if self._progress else None
 
-    def process(self, path: str):
+    def teardown(self) -> None:
+        if self._board is not None:
+            self._board.close()
+
+    def process(self, element: tuple[int, str]):
+        index, path = element
+        board = self._board
         frames = 0
         damage: CaptureDamage | None = None
         pcap = False
@@ -104,10 +114,14 @@ class _ReadCaptureFn(beam.DoFn):
                     # Counted as they go: a failure later in the file keeps these.
                     self._frames.inc(len(batch))
                     STATS["frames"] += len(batch)
+                    if board is not None:
+                        board.report(index, frames)
                     yield batch
                 damage = reader.damage
         self._files.inc()
         STATS["files"] += 1
+        if board is not None:
+            board.report(index, frames, done=True)
         if pcap:
             stats = reader.stats.as_dict()
             log.info("replay: %s: %s", path, ", ".join(f"{k}={v}" for k, v in stats.items() if v))
@@ -129,7 +143,8 @@ class ReadFromCaptures(beam.PTransform):
     Frame Streams captures give their payloads; pcap and pcapng files
     (core/pcap.py, recognised by content) give a CLIENT_QUERY or
     CLIENT_RESPONSE message with ``pcap_identity`` per DNS message to or from
-    one of ``dns_ports``."""
+    one of ``dns_ports``. ``progress_path``: a core.progress.ProgressBoard
+    with a slot per file, in the order of ``paths``, that the readers fill in."""
 
     def __init__(
         self,
@@ -138,6 +153,7 @@ class ReadFromCaptures(beam.PTransform):
         max_frame_size: int = MAX_CAPTURE_FRAME_SIZE,
         dns_ports: frozenset[int] = frozenset({53}),
         pcap_identity: str = "pcap",
+        progress_path: str | None = None,
         label: str | None = None,
     ) -> None:
         super().__init__(label)
@@ -148,13 +164,15 @@ class ReadFromCaptures(beam.PTransform):
         self._max_frame_size = max_frame_size
         self._dns_ports = frozenset(dns_ports)
         self._identity = pcap_identity
+        self._progress = (progress_path, len(self.paths)) if progress_path else None
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Paths" >> beam.Create(self.paths)
+            | "Paths" >> beam.Create(list(enumerate(self.paths)))
             # One file per element: the runner may spread files over workers.
             | "Reshuffle" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(
-                _ReadCaptureFn(self._batch_size, self._max_frame_size, self._dns_ports, self._identity)).with_output_types(FrameBatch)
+                _ReadCaptureFn(self._batch_size, self._max_frame_size, self._dns_ports, self._identity,
+                               self._progress)).with_output_types(FrameBatch)
         )

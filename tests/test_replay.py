@@ -21,7 +21,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that
 from conftest import BASE_CONFIG, REPO, merge
-from fstrm_client import capture_frames
+from fstrm_client import capture_frames, free_tcp_port
 from test_cli import run_cli
 
 from core.batches import FrameBatch
@@ -212,17 +212,22 @@ def test_pcap_replay_gives_the_dns_exchanges(tmp_path):
 
 
 def test_progress_line_on_a_terminal_only(tmp_path):
+    """Two files, two worker processes: the line counts what the workers read."""
     capture = REPO / "tests" / "data" / "captures" / "unbound-tcp.fstrm"
-    big = tmp_path / "big.fstrm"  # long enough to be seen running
-    frames = capture_frames() * 150
-    big.write_bytes(encode_stream(frames))
+    frames = capture_frames() * 150  # long enough to be seen running
+    for name in ("big-1.fstrm", "big-2.fstrm"):
+        (tmp_path / name).write_bytes(encode_stream(frames))
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump(merge(BASE_CONFIG, {
         "output": {"file": {"enable": True, "format": "json", "file": str(tmp_path / "out.jsonl")}},
     })))
-    cmd = [sys.executable, "-m", "pipeline", "--runner=DirectRunner", "-c", str(conf), "--replay", str(big)]
+    cmd = [sys.executable, "-m", "pipeline", "--runner=DirectRunner", "-c", str(conf),
+           "--replay", str(tmp_path / "big-*.fstrm"), "--replay-workers", "2"]
+    scratch = tmp_path / "tmp"  # where the progress board is made, and removed
+    scratch.mkdir()
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=secondary)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=secondary,
+                            env=dict(os.environ, TMPDIR=str(scratch)))
     os.close(secondary)
     seen = b""
     while True:
@@ -235,7 +240,92 @@ def test_progress_line_on_a_terminal_only(tmp_path):
         seen += chunk
     assert proc.wait(120) == 0
     os.close(primary)
-    assert re.search(rb"\rreplay: [01]/1 files, [\d,]+ messages, [\d,]+ messages/s", seen), seen[-2000:]
+    assert b"on 2 worker processes" in seen
+    assert re.search(rb"\rreplay: [012]/2 files, [1-9][\d,]* messages, [\d,]+ messages/s", seen), seen[-2000:]
     piped = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120)
     assert piped.returncode == 0 and b"\r" not in piped.stderr
     assert capture.exists()
+    assert list(scratch.iterdir()) == []
+
+
+# -- worker processes ----------------------------------------------------------------
+
+
+def test_worker_processes_give_the_results_of_one_process(tmp_path):
+    """The same files through 1 and 2 worker processes: the same output lines
+    (one file written by both workers), the same windows, the same summary."""
+    files = ("--replay", str(CAPTURES / "unbound-*.fstrm"), "--replay", str(CAPTURES / "named.fstrm"))
+    runs = {}
+    for workers in ("1", "2"):
+        run_dir = tmp_path / workers
+        run_dir.mkdir()
+        windows = run_dir / "windows.jsonl"
+        proc, out = run_replay(run_dir, *files, "--replay-workers", workers, "--replay-windows", str(windows),
+                               output={"file": {"file-max-size": "64k", "file-count": 1000}})
+        assert proc.returncode == 0, proc.stderr
+        lines = Counter()
+        for name in sorted(run_dir.glob("out.json*")):
+            lines += output(name)
+        runs[workers] = (proc.stderr, lines, windows.read_bytes())
+    one, two = runs["1"], runs["2"]
+    assert "on FnApiRunner" in one[0] and "on 2 worker processes" in two[0], two[0]
+    frames = capture_frames("unbound-tcp.fstrm") + capture_frames("unbound-unix.fstrm") + capture_frames("named.fstrm")
+    assert one[1] == two[1] == as_output(frames)
+    assert [orjson.loads(w) for w in one[2].splitlines()] == [orjson.loads(w) for w in two[2].splitlines()]
+    summary = re.compile(r"replay summary: 3/3 files, 4112 messages \(4112 decoded\)")
+    assert summary.search(one[0]) and summary.search(two[0]), two[0]
+    # The workers log in the receiver's format, once, without Beam's harness chatter.
+    assert two[0].count(f"INFO replay: {CAPTURES / 'named.fstrm'}: 100 frames") == 1, two[0]
+    assert "Worker: " not in two[0] and "INFO:" not in two[0] and "WARNING:" not in two[0], two[0]
+
+
+def test_damage_is_reported_from_worker_processes(tmp_path):
+    cut, offset = truncated_copy(tmp_path, "named.fstrm", 37)
+    proc, out = run_replay(tmp_path, "--replay", str(CAPTURES / "unbound-tcp.fstrm"), "--replay", str(cut),
+                           "--replay-workers", "2")
+    assert proc.returncode == 1, proc.stderr
+    assert "on 2 worker processes" in proc.stderr
+    assert output(out) == as_output(capture_frames("unbound-tcp.fstrm") + capture_frames("named.fstrm")[:37])
+    assert f"replay summary: damaged: {cut} at offset {offset}: truncated frame" in proc.stderr, proc.stderr
+
+
+def test_an_output_that_cannot_be_shared_keeps_one_process(tmp_path):
+    proc, out = run_replay(tmp_path, "--replay", str(CAPTURES / "unbound-*.fstrm"), "--replay-workers", "2",
+                           output={"dnstap-file": {"enable": True, "file": str(tmp_path / "copy.fstrm")}})
+    assert proc.returncode == 0, proc.stderr
+    assert "output.dnstap-file writes one Frame Streams stream per file: replaying in one process" in proc.stderr
+    assert "on FnApiRunner" in proc.stderr
+    assert sum(output(out).values()) == 4012
+
+
+@pytest.mark.parametrize("args", [["--replay-workers", "0"], ["--replay-workers", "x"]])
+def test_replay_workers_must_be_a_positive_number(tmp_path, args):
+    proc, _ = run_replay(tmp_path, "--replay", str(CAPTURES / "named.fstrm"), *args)
+    assert proc.returncode == 2
+    assert "--replay-workers: expected a whole number >= 1" in proc.stderr
+
+
+def test_replay_workers_without_replay_is_a_usage_error():
+    proc = run_cli("--replay-workers", "2")
+    assert proc.returncode == 2
+    assert "--replay-workers needs --replay" in proc.stderr
+
+
+def test_worker_processes_flush_network_outputs_before_the_end(tmp_path):
+    """Each worker process has its own connection and buffer: all delivered
+    when the replay exits."""
+    from test_tcp_output import LineServer
+
+    server = LineServer(free_tcp_port(), tmp_path / "received.txt")
+    server.start()
+    try:
+        proc, out = run_replay(tmp_path, "--replay", str(CAPTURES / "unbound-*.fstrm"), "--replay-workers", "2",
+                               output={"tcp-socket": {"enable": True, "remote-address": "127.0.0.1",
+                                                      "remote-port": server.port, "format": "json"}})
+        assert proc.returncode == 0, proc.stderr
+        assert "on 2 worker processes" in proc.stderr
+        received = Counter(orjson.dumps(orjson.loads(line), option=orjson.OPT_SORT_KEYS) for line in server.lines())
+        assert received == output(out) == as_output(capture_frames("unbound-tcp.fstrm")
+                                                    + capture_frames("unbound-unix.fstrm"))
+    finally:
+        server.kill()

@@ -208,9 +208,9 @@ def test_open_shared_returns_one_writer_per_path(tmp_path, monkeypatch):
             b.write_lines([b"2" * 60])  # one size count: this rotates
         assert a.rotations == 1
         release_shared(b)
-        assert not a._file.closed, "still used by another DoFn"
+        assert not a.closed, "still used by another DoFn"
         release_shared(a)
-        assert a._file.closed
+        assert a.closed
         c = open_shared(str(path), 100, 3)
         assert c is not a, "a closed writer is not handed out again"
         release_shared(c)
@@ -231,3 +231,36 @@ def test_current_file_removed_before_rotation(tmp_path):
     rf.write_lines([b"c" * 20])
     rf.close()
     assert read_lines(rotated_files(path)) == [[b"b" * 60, b"c" * 20]]
+
+
+def _write_from_process(path: str, tag: str, n: int, max_size: int) -> None:
+    rf = RotatingFile(path, max_size=max_size, count=500)
+    lines = [f"{tag} {i:06d} ".encode() + b"x" * (i % 50) for i in range(n)]
+    write_in_batches(rf, lines, seed=hash(tag) & 0xFFFF)
+    rf.close()
+
+
+def test_processes_share_one_rotated_file(tmp_path):
+    """Worker processes of a replay write the same path: every line lands
+    whole, exactly once, in order per process, and no file passes the limit
+    (each rotation is done by one process and seen by the others)."""
+    import multiprocessing
+
+    path = str(tmp_path / "shared.log")
+    max_size, n, tags = 4096, 3000, ["p0", "p1", "p2"]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_from_process, args=(path, tag, n, max_size)) for tag in tags]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    files = rotated_files(path)
+    assert len(files) > 10, "the test should make the processes rotate often"
+    for name in files:
+        assert os.path.getsize(name) <= max_size, name
+    got = [line for chunk in read_lines(files) for line in chunk]
+    for tag in tags:
+        mine = [line for line in got if line.startswith(tag.encode() + b" ")]
+        assert mine == [f"{tag} {i:06d} ".encode() + b"x" * (i % 50) for i in range(n)]
+    assert len(got) == n * len(tags)
