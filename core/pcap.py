@@ -9,28 +9,12 @@ CLIENT_RESPONSE per DNS message, so the rest of the pipeline
 (core.message.decode...) is the same as for a Frame Streams capture. The
 caller opens the file: ``core.capture.open_capture`` decompresses gzip.
 
-What is read: link types null/loopback (0, 108), Ethernet (1, with 802.1Q /
-802.1ad / QinQ tags), raw IP (101, 228, 229), Linux cooked SLL (113) and SLL2
-(276); IPv4 and IPv6 (extension headers walked); UDP and TCP to or from one of
-``dns_ports``. IP fragments are counted and skipped, not reassembled (DNS over
-UDP rarely fragments; an atomic IPv6 fragment, RFC 6946, is read as it is).
-
-DNS detection and direction: the payload must hold at least a DNS header; its
-QR bit makes it a query (CLIENT_QUERY, the client is the packet's source) or
-a response (CLIENT_RESPONSE, the client is its destination). query_address /
-query_port are always the client's, response_address / response_port the
-server's. The time is the packet's (nanosecond exact when the file is), in
-query_time_* for queries and response_time_* for responses. A message over
-TCP gets the time of the segment that completed it.
-
-TCP: each direction of a flow is reassembled in sequence order (out-of-order
-segments held, retransmissions and overlaps trimmed, SYN/FIN/RST followed)
-and split on the two-byte length prefix. A flow whose start was not captured
-is picked up at its first data segment, which is assumed to start a message.
-State is bounded: at most ``max_flows`` directions (the least recently used
-is evicted), ``max_flow_buffer`` bytes held per direction (past it the flow
-is dropped), idle directions expire after ``flow_timeout`` seconds of packet
-time. Every skip, eviction and drop is counted in ``reader.stats``.
+Packets are decoded by core.packets.PacketDecoder (link types, IPv4/IPv6,
+UDP, TCP reassembly with bounded flow state, the dnstap fields: see there);
+this module is the file layer. Every message is a CLIENT_QUERY or
+CLIENT_RESPONSE (by its QR bit) to or from one of ``dns_ports``, with the
+packet's time (nanosecond exact when the file is). Every skip, eviction and
+drop is counted in ``reader.stats``.
 
 A damaged file (truncated, corrupt, not pcap at all) never raises: iteration
 stops, ``reader.damage`` is a core.capture.CaptureDamage with the byte offset
@@ -46,12 +30,19 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from core.batches import FrameBatch
 from core.capture import DEFAULT_BATCH_SIZE, CaptureDamage
-from core.dnstap_wire import identity_field, varint
+from core.packets import (
+    DEFAULT_DNS_PORTS,
+    DEFAULT_FLOW_TIMEOUT,
+    DEFAULT_MAX_FLOW_BUFFER,
+    DEFAULT_MAX_FLOWS,
+    PacketDecoder,
+    PacketStats,
+)
 
 __all__ = [
     "DEFAULT_DNS_PORTS",
@@ -61,10 +52,6 @@ __all__ = [
     "read_pcap",
 ]
 
-DEFAULT_DNS_PORTS = frozenset({53})
-DEFAULT_MAX_FLOWS = 10_000
-DEFAULT_MAX_FLOW_BUFFER = 65_535 + 2  # one largest message with its length prefix
-DEFAULT_FLOW_TIMEOUT = 60.0
 READ_SIZE = 1024 * 1024
 # A record longer than this is corruption, not a packet (libpcap's own bound
 # for snaplen 0 / 262144 captures); a bigger declared snaplen raises it.
@@ -81,33 +68,6 @@ PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
 _SHB_TYPE = 0x0A0D0D0A
 _BYTE_ORDER_MAGIC = 0x1A2B3C4D
 
-# Link types
-_NULL, _ETHERNET, _RAW, _IPV4, _IPV6, _SLL, _LOOP, _SLL2 = 0, 1, 101, 228, 229, 113, 108, 276
-_VLAN_TYPES = frozenset({0x8100, 0x88A8, 0x9100, 0x9200})
-_ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
-# IPv6 extension headers laid out as next-header, length in 8-octet units - 1.
-_IPV6_EXT = frozenset({0, 43, 60, 135, 139, 140})
-_IPV6_FRAGMENT, _IPV6_AH = 44, 51
-_TCP, _UDP = 6, 17
-_FIN, _SYN, _RST = 0x01, 0x02, 0x04
-_SEQ_MASK = 0xFFFFFFFF
-
-_U16_PAIR = struct.Struct("!HH")
-_U32 = struct.Struct("!I")
-_NSEC = struct.Struct("<I")
-
-# dnstap protobuf, written by hand (the fields' numbers are core/dnstap.proto's):
-# building dnstap_pb2 objects costs more than the whole packet parse. The tests
-# check these bytes against dnstap_pb2.
-_CLIENT_QUERY, _CLIENT_RESPONSE = 5, 6
-_HEADS = {
-    (mtype, family, proto): bytes((0x08, mtype, 0x10, family, 0x18, proto))
-    for mtype in (_CLIENT_QUERY, _CLIENT_RESPONSE)
-    for family in (1, 2)
-    for proto in (1, 2)
-}
-_DNSTAP_TAIL = b"\x78\x01"  # Dnstap.type = MESSAGE
-
 
 def is_pcap(head: bytes) -> bool:
     """Whether ``head`` (the first 4 bytes of a file, uncompressed) starts a pcap or pcapng file."""
@@ -115,45 +75,11 @@ def is_pcap(head: bytes) -> bool:
 
 
 @dataclass
-class PcapStats:
-    """What a reader saw; ``as_dict()`` for counters and logs."""
+class PcapStats(PacketStats):
+    """What a reader saw: the decoder's counters and the file's own."""
 
-    packets: int = 0  # packet records read
-    dns_messages: int = 0  # frames produced
-    queries: int = 0
-    responses: int = 0
-    non_ip: int = 0  # ARP, LLDP...
-    non_dns: int = 0  # IP, but not UDP/TCP to or from a DNS port
-    malformed: int = 0  # bad IP/UDP/TCP headers, DNS payloads shorter than a header
-    snapped: int = 0  # captured shorter than the IP packet (snaplen)
-    fragments: int = 0  # IPv4 / IPv6 fragments skipped (no reassembly)
-    unsupported_link: int = 0  # packets of an unknown link type or undeclared interface
     skipped_blocks: int = 0  # pcapng blocks other than SHB/IDB/EPB/SPB/PB
-    tcp_flows: int = 0  # flow directions tracked
-    tcp_retransmits: int = 0  # segments entirely already seen
-    tcp_overlaps: int = 0  # segments partly already seen (trimmed)
-    tcp_out_of_order: int = 0  # segments held until the gap before them is filled
-    tcp_incomplete: int = 0  # directions closed/expired/evicted holding a partial message
-    flows_evicted: int = 0  # least recently used directions dropped at max_flows
-    flows_expired: int = 0  # directions idle for flow_timeout
-    flows_overflowed: int = 0  # directions dropped past max_flow_buffer
     truncated_file: int = 0  # 1 when the file ends inside a record
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-class _Flow:
-    """One direction of a TCP connection: the next expected sequence number,
-    the bytes of an unfinished message, segments that came early."""
-
-    __slots__ = ("buf", "last", "next", "pending")
-
-    def __init__(self, next_seq: int, last: float) -> None:
-        self.next = next_seq
-        self.buf = b""
-        self.pending: dict[int, bytes] | None = None
-        self.last = last
 
 
 class _Damaged(Exception):
@@ -183,24 +109,16 @@ class PcapReader:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        if max_flows < 1:
-            raise ValueError(f"max_flows must be >= 1, got {max_flows!r}")
-        if max_flow_buffer < 2:
-            raise ValueError(f"max_flow_buffer must be >= 2, got {max_flow_buffer!r}")
         self.path = path
         self.batch_size = batch_size
-        self.dns_ports = frozenset(dns_ports)
-        self.max_flows = max_flows
-        self.max_flow_buffer = max_flow_buffer
-        self.flow_timeout = float(flow_timeout)
         self.stats = PcapStats()
+        self.decoder = PacketDecoder(
+            dns_ports=dns_ports, identity=identity, max_flows=max_flows,
+            max_flow_buffer=max_flow_buffer, flow_timeout=flow_timeout, stats=self.stats,
+        )
         self.damage: CaptureDamage | None = None
         self.format: str | None = None
-        self._prefix = identity_field(identity) if identity else b""
         self._stream = stream
-        self._out = FrameBatch()
-        self._flows: dict[tuple, _Flow] = {}
-        self._sweep_at = 0.0
         self._buf = b""
         self._base = 0  # file offset of self._buf[0]
         self._eof = False
@@ -239,10 +157,6 @@ class PcapReader:
         self.stats.truncated_file = 1
         return _Damaged(self._base + pos, f"truncated {what} ({len(self._buf) - pos} bytes at end of file)")
 
-    def _take(self) -> FrameBatch:
-        out, self._out = self._out, FrameBatch()
-        return out
-
     def _run(self) -> Iterator[FrameBatch]:
         try:
             self._fill(0, 4)
@@ -260,9 +174,9 @@ class PcapReader:
             yield from body
         except _Damaged as exc:
             self.damage = CaptureDamage(self.path, exc.offset, exc.reason)
-        self._close_flows()
-        if self._out:
-            yield self._take()
+        self.decoder.close()
+        if self.decoder.out:
+            yield self.decoder.take()
 
     def _read_error_or(self, damage: _Damaged) -> _Damaged:
         if self._read_error is not None:
@@ -280,7 +194,8 @@ class PcapReader:
         limit = min(max(snaplen, MAX_PACKET), MAX_BLOCK)
         record = struct.Struct(order + "IIII")
         unpack_from = record.unpack_from
-        packet = self._packet
+        decoder = self.decoder
+        packet = decoder.packet
         stats = self.stats
         batch_size = self.batch_size
         pos = 24
@@ -315,14 +230,15 @@ class PcapReader:
                 sec, nsec = sec + nsec // 1_000_000_000, nsec % 1_000_000_000
             packet(link, buf[pos + 16 : end], sec, nsec)
             pos = end
-            if len(self._out) >= batch_size:
-                yield self._take()
+            if len(decoder.out) >= batch_size:
+                yield decoder.take()
 
     def _pcapng(self) -> Iterator[FrameBatch]:
         pos = 0
         order = "<"
         interfaces: list[tuple[int, int, int, int, int]] = []  # link, units/s, shift or 0, offset s, snaplen
         stats = self.stats
+        decoder = self.decoder
         batch_size = self.batch_size
         u32 = struct.Struct("<I")
         while True:
@@ -378,7 +294,7 @@ class PcapReader:
                     link, _units, _shift, _offset, snaplen = interfaces[0]
                     data = body[4:]
                     caplen = min(orig, snaplen) if snaplen else orig
-                    self._packet(link, data[:caplen], *self._last_time)
+                    decoder.packet(link, data[:caplen], *self._last_time)
             elif btype == 2:  # obsolete packet block
                 if len(body) < 20:
                     raise _Damaged(start, "packet block too short")
@@ -390,8 +306,8 @@ class PcapReader:
                 interfaces.append(self._interface(order, body))
             elif btype != _SHB_TYPE:
                 stats.skipped_blocks += 1
-            if len(self._out) >= batch_size:
-                yield self._take()
+            if len(decoder.out) >= batch_size:
+                yield decoder.take()
 
     _last_time = (0, 0)
 
@@ -414,7 +330,7 @@ class PcapReader:
         if sec < 0:
             sec, nsec = 0, 0
         self._last_time = (sec, nsec)
-        self._packet(link, data, sec, nsec)
+        self.decoder.packet(link, data, sec, nsec)
 
     @staticmethod
     def _interface(order: str, body: bytes) -> tuple[int, int, int, int, int]:
@@ -437,296 +353,6 @@ class PcapReader:
                 (offset,) = struct.unpack_from(order + "q", value)
             pos += 4 + ((length + 3) & ~3)
         return link, units, shift, offset, snaplen
-
-    # ------------------------------------------------------------------ packet layer
-
-    def _packet(self, link: int, data: bytes, sec: int, nsec: int) -> None:
-        try:
-            self._decode(link, data, sec, nsec)
-        except (IndexError, struct.error):  # a header cut short that a check missed
-            self.stats.malformed += 1
-
-    def _decode(self, link: int, data: bytes, sec: int, nsec: int) -> None:
-        stats = self.stats
-        if link == _ETHERNET:
-            if len(data) < 14:
-                stats.malformed += 1
-                return
-            etype = data[12] << 8 | data[13]
-            off = 14
-        elif link == _RAW or link == _NULL or link == _LOOP or link == _IPV4 or link == _IPV6:
-            off = 4 if link == _NULL or link == _LOOP else 0
-            if len(data) <= off:
-                stats.malformed += 1
-                return
-            version = data[off] >> 4
-            etype = _ETH_IPV4 if version == 4 else _ETH_IPV6 if version == 6 else 0
-        elif link == _SLL:
-            if len(data) < 16:
-                stats.malformed += 1
-                return
-            etype = data[14] << 8 | data[15]
-            off = 16
-        elif link == _SLL2:
-            if len(data) < 20:
-                stats.malformed += 1
-                return
-            etype = data[0] << 8 | data[1]
-            off = 20
-        else:
-            stats.unsupported_link += 1
-            return
-        while etype in _VLAN_TYPES:
-            if len(data) < off + 4:
-                stats.malformed += 1
-                return
-            etype = data[off + 2] << 8 | data[off + 3]
-            off += 4
-        if etype == _ETH_IPV4:
-            n = len(data)
-            if n - off < 20:
-                stats.malformed += 1
-                return
-            vihl = data[off]
-            ihl = (vihl & 0x0F) * 4
-            total = data[off + 2] << 8 | data[off + 3]
-            if vihl >> 4 != 4 or ihl < 20 or total < ihl:
-                stats.malformed += 1
-                return
-            end = off + total  # what follows is link-layer padding
-            if end > n:
-                stats.snapped += 1
-                return
-            if (data[off + 6] << 8 | data[off + 7]) & 0x3FFF:  # more fragments, or an offset
-                stats.fragments += 1
-                return
-            proto = data[off + 9]
-            src = data[off + 12 : off + 16]
-            dst = data[off + 16 : off + 20]
-            family = 1
-            pos = off + ihl
-        elif etype == _ETH_IPV6:
-            n = len(data)
-            if n - off < 40:
-                stats.malformed += 1
-                return
-            if data[off] >> 4 != 6:
-                stats.malformed += 1
-                return
-            plen = data[off + 4] << 8 | data[off + 5]
-            proto = data[off + 6]
-            src = data[off + 8 : off + 24]
-            dst = data[off + 24 : off + 40]
-            pos = off + 40
-            end = pos + plen if plen else n  # 0: a jumbogram, the rest of the packet
-            if end > n:
-                stats.snapped += 1
-                return
-            family = 2
-            while proto in _IPV6_EXT or proto == _IPV6_FRAGMENT or proto == _IPV6_AH:
-                if end - pos < 8:
-                    stats.malformed += 1
-                    return
-                if proto == _IPV6_FRAGMENT:
-                    if (data[pos + 2] << 8 | data[pos + 3]) & 0xFFF9:  # offset or more-fragments
-                        stats.fragments += 1
-                        return
-                    size = 8  # an atomic fragment: the whole packet is here
-                elif proto == _IPV6_AH:
-                    size = (data[pos + 1] + 2) * 4
-                else:
-                    size = (data[pos + 1] + 1) * 8
-                proto = data[pos]
-                pos += size
-        else:
-            stats.non_ip += 1
-            return
-        if proto == _UDP:
-            if end - pos < 8:
-                stats.malformed += 1
-                return
-            sport, dport = _U16_PAIR.unpack_from(data, pos)
-            ports = self.dns_ports
-            if sport not in ports and dport not in ports:
-                stats.non_dns += 1
-                return
-            ulen = data[pos + 4] << 8 | data[pos + 5]
-            if ulen < 8 or pos + ulen > end:
-                if ulen == 0 and family == 2:  # a jumbogram's UDP length
-                    ulen = end - pos
-                else:
-                    stats.malformed += 1
-                    return
-            self._dns(data[pos + 8 : pos + ulen], family, 1, src, sport, dst, dport, sec, nsec)
-        elif proto == _TCP:
-            if end - pos < 20:
-                stats.malformed += 1
-                return
-            sport, dport = _U16_PAIR.unpack_from(data, pos)
-            ports = self.dns_ports
-            if sport not in ports and dport not in ports:
-                stats.non_dns += 1
-                return
-            (seq,) = _U32.unpack_from(data, pos + 4)
-            doff = (data[pos + 12] >> 4) * 4
-            if doff < 20 or pos + doff > end:
-                stats.malformed += 1
-                return
-            self._tcp(family, src, sport, dst, dport, seq, data[pos + 13], data[pos + doff : end], sec, nsec)
-        else:
-            stats.non_dns += 1
-
-    # ------------------------------------------------------------------ TCP
-
-    def _tcp(self, family, src, sport, dst, dport, seq, flags, payload, sec, nsec) -> None:
-        stats = self.stats
-        flows = self._flows
-        now = sec + nsec * 1e-9
-        if now >= self._sweep_at:
-            self._expire(now)
-        key = (src, sport, dst, dport)
-        flow = flows.pop(key, None)  # re-inserted below: dict order is least recently used first
-        if flags & _RST:
-            if flow is not None and (flow.buf or flow.pending):
-                stats.tcp_incomplete += 1
-            back = flows.pop((dst, dport, src, sport), None)
-            if back is not None and (back.buf or back.pending):
-                stats.tcp_incomplete += 1
-            return
-        if flags & _SYN:
-            if flow is None or flow.next != (seq + 1) & _SEQ_MASK:  # a new connection
-                if flow is not None and (flow.buf or flow.pending):
-                    stats.tcp_incomplete += 1
-                flow = None
-            seq = (seq + 1) & _SEQ_MASK  # data on a SYN (TCP Fast Open) follows it
-        if flow is None:
-            if not payload and not flags & _SYN:
-                return  # an ACK or FIN of a flow we know nothing of
-            if len(flows) >= self.max_flows:
-                old = flows.pop(next(iter(flows)))
-                stats.flows_evicted += 1
-                if old.buf or old.pending:
-                    stats.tcp_incomplete += 1
-            flow = _Flow(seq, now)
-            stats.tcp_flows += 1
-        flow.last = now
-        if payload and not self._segment(flow, seq, payload, family, src, sport, dst, dport, sec, nsec):
-            stats.flows_overflowed += 1
-            stats.tcp_incomplete += 1
-            return
-        if flags & _FIN and not flow.pending:
-            if flow.buf:
-                stats.tcp_incomplete += 1
-            return
-        flows[key] = flow
-
-    def _segment(self, flow: _Flow, seq, payload, family, src, sport, dst, dport, sec, nsec) -> bool:
-        """Add a segment to ``flow`` and emit the messages it completes; False
-        when the flow holds more than max_flow_buffer bytes (it is dropped)."""
-        stats = self.stats
-        off = (seq - flow.next) & _SEQ_MASK
-        if off >= 0x80000000:
-            off -= 0x100000000
-        if off < 0:
-            if off + len(payload) <= 0:
-                stats.tcp_retransmits += 1
-                return True
-            stats.tcp_overlaps += 1
-            payload = payload[-off:]
-        elif off > 0:
-            stats.tcp_out_of_order += 1
-            pending = flow.pending
-            if pending is None:
-                pending = flow.pending = {}
-            held = pending.get(seq)
-            if held is None or len(held) < len(payload):
-                pending[seq] = payload
-            return len(flow.buf) + sum(map(len, pending.values())) <= self.max_flow_buffer
-        data = flow.buf + payload if flow.buf else payload
-        flow.next = (flow.next + len(payload)) & _SEQ_MASK
-        pending = flow.pending
-        while pending:
-            progressed = False
-            for start in list(pending):
-                gap = (start - flow.next) & _SEQ_MASK
-                if gap >= 0x80000000:
-                    gap -= 0x100000000
-                if gap <= 0:
-                    held = pending.pop(start)
-                    if gap + len(held) > 0:
-                        data += held[-gap:] if gap else held
-                        flow.next = (flow.next + len(held) + gap) & _SEQ_MASK
-                        progressed = True
-            if not progressed:
-                break
-        if not pending:
-            flow.pending = None
-        # Split on the length prefixes.
-        pos, n = 0, len(data)
-        dns = self._dns
-        while n - pos >= 2:
-            end = pos + 2 + (data[pos] << 8 | data[pos + 1])
-            if end > n:
-                break
-            dns(data[pos + 2 : end], family, 2, src, sport, dst, dport, sec, nsec)
-            pos = end
-        flow.buf = data[pos:] if pos < n else b""
-        held = len(flow.buf)
-        if flow.pending:
-            held += sum(map(len, flow.pending.values()))
-        return held <= self.max_flow_buffer
-
-    def _expire(self, now: float) -> None:
-        timeout = self.flow_timeout
-        flows = self._flows
-        stats = self.stats
-        limit = now - timeout
-        while flows:
-            key = next(iter(flows))  # least recently used first
-            flow = flows[key]
-            if flow.last >= limit:
-                break
-            del flows[key]
-            stats.flows_expired += 1
-            if flow.buf or flow.pending:
-                stats.tcp_incomplete += 1
-        self._sweep_at = now + min(timeout, 1.0)
-
-    def _close_flows(self) -> None:
-        for flow in self._flows.values():
-            if flow.buf or flow.pending:
-                self.stats.tcp_incomplete += 1
-        self._flows.clear()
-
-    # ------------------------------------------------------------------ dnstap
-
-    def _dns(self, wire: bytes, family, proto, src, sport, dst, dport, sec, nsec) -> None:
-        stats = self.stats
-        if len(wire) < 12:
-            stats.malformed += 1
-            return
-        alen = b"\x04" if family == 1 else b"\x10"
-        if wire[2] & 0x80:
-            stats.responses += 1
-            # The client is the destination of a response.
-            body = b"".join((
-                _HEADS[_CLIENT_RESPONSE, family, proto],
-                b"\x22", alen, dst, b"\x2a", alen, src,
-                b"\x30", varint(dport), b"\x38", varint(sport),
-                b"\x60", varint(sec), b"\x6d", _NSEC.pack(nsec),
-                b"\x72", varint(len(wire)), wire,
-            ))
-        else:
-            stats.queries += 1
-            body = b"".join((
-                _HEADS[_CLIENT_QUERY, family, proto],
-                b"\x22", alen, src, b"\x2a", alen, dst,
-                b"\x30", varint(sport), b"\x38", varint(dport),
-                b"\x40", varint(sec), b"\x4d", _NSEC.pack(nsec),
-                b"\x52", varint(len(wire)), wire,
-            ))
-        stats.dns_messages += 1
-        self._out.append(b"".join((self._prefix, b"\x72", varint(len(body)), body, _DNSTAP_TAIL)))
 
 
 def read_pcap(

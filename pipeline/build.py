@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from core.errors import ConfigError
 from pipeline.config import Config, FilterOptions, NormalizeOptions
 from sinks.dnstap import WriteToDnstap
 from sinks.dnstap_file import WriteToDnstapFile
@@ -18,7 +20,9 @@ from sinks.stdout import WriteToStdout
 from sinks.syslog import WriteToSyslog
 from sinks.tcp import WriteToTcp
 from sources.framestream_io import ReadFromFrameStream
+from sources.kafka_io import ReadFromKafka, StopOnHubShutdown
 from sources.listener import HubSpec, TcpServerSpec, UnixServerSpec
+from sources.sniffer import sniffer_spec
 from sources.tcp_client import TcpClientSpec
 from transforms.decode import DecodeDnstap
 from transforms.filter import FilterMessages
@@ -33,6 +37,7 @@ __all__ = [
     "add_outputs",
     "add_transforms",
     "build_live_pipeline",
+    "check_kafka_input",
     "hub_spec",
     "make_runner",
     "needs_raw",
@@ -78,6 +83,11 @@ def hub_spec(config: Config) -> HubSpec:
                 tls_insecure=c.tls_insecure,
             )
         )
+    if inp.kafka.enable:
+        # Feeds nothing: the hub closes it at shutdown, which ends the Kafka source.
+        feeders.append(StopOnHubShutdown())
+    if inp.sniffer.enable:
+        feeders.append(sniffer_spec(inp.sniffer))
     return HubSpec(
         tcp=tcp,
         unix=unix,
@@ -185,15 +195,46 @@ def add_outputs(records, config: Config) -> None:
             records | sink.__name__ >> sink(options)
 
 
+def check_kafka_input(config: Config) -> None:
+    """input.kafka runs alone and gives records, not dnstap: ConfigError for
+    another input enabled with it (the local runner would materialise the
+    Flatten that merges them, so nothing would flow until both ended), or
+    for an output that needs the original dnstap bytes."""
+    others = []
+    for f in dataclasses.fields(config.input):
+        section = getattr(config.input, f.name)
+        enabled = section.get("enable") if isinstance(section, dict) else getattr(section, "enable", False)
+        if enabled and f.name != "kafka":
+            others.append("input." + f.name.replace("_", "-"))
+    if others:
+        raise ConfigError(
+            f"input.kafka: runs alone, but {' and '.join(others)} {'is' if len(others) == 1 else 'are'} enabled "
+            "too (input.tcp-socket is enabled by default): set their enable to false"
+        )
+    raw = [name for name, section in (("output.dnstap", config.output.dnstap),
+                                      ("output.dnstap-file", config.output.dnstap_file)) if section.enable]
+    if raw:
+        raise ConfigError(
+            f"{' and '.join(raw)}: cannot be fed by input.kafka: its JSON records do not carry the "
+            "original dnstap messages these outputs write"
+        )
+
+
 def build_live_pipeline(config: Config, options: PipelineOptions, spec: HubSpec | None = None) -> beam.Pipeline:
-    """Sockets -> decode -> outputs, with no GroupByKey so that every step is
-    fused with the source and runs live on the local runner."""
+    """Sockets -> decode (or input.kafka's records) -> transforms -> outputs,
+    with no GroupByKey so that every step is fused with the source and runs
+    live on the local runner."""
     p = beam.Pipeline(runner=make_runner(options), options=options)
-    records = (
-        p
-        | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
-        | "DecodeDnstap" >> DecodeDnstap(keep_raw=needs_raw(config))
-    )
+    if config.input.kafka.enable:
+        check_kafka_input(config)
+        # Already records: nothing to decode.
+        records = p | "ReadFromKafka" >> ReadFromKafka(config.input.kafka, batch_size=config.input.batch_size)
+    else:
+        records = (
+            p
+            | "ReadFromFrameStream" >> ReadFromFrameStream(spec or hub_spec(config))
+            | "DecodeDnstap" >> DecodeDnstap(keep_raw=needs_raw(config))
+        )
     records = add_transforms(records, config)
     if config.statistics.enable:
         # Counted after the transforms: filtered messages are counted apart, per

@@ -6,9 +6,8 @@ Field names are the YAML keys with ``-`` replaced by ``_``.
 
 The dataclass defaults below are the single source of the default values;
 ``dnstap.conf`` documents them and a test checks both agree. Sections that
-this release does not use yet (web-api, geoip, statistics, filter, the
-sniffer input, all outputs but stdout and file) are kept as
-plain dicts with 4.7.0's keys.
+this release does not implement (the rabbitmq and elasticsearch outputs)
+are kept as plain dicts with 4.7.0's keys.
 
 Entry points:
 
@@ -56,11 +55,13 @@ __all__ = [
     "NormalizeOptions",
     "PrivacyOptions",
     "InputOptions",
+    "KafkaInput",
     "OutputOptions",
     "StdoutOutput",
     "TcpClientInput",
     "TcpSocketInput",
     "TraceOptions",
+    "SnifferInput",
     "UnixSocketInput",
     "config_from_dict",
     "config_to_dict",
@@ -81,19 +82,6 @@ OUTPUT_FORMATS: tuple[str, ...] = tuple(FORMATS)  # text, json, yaml
 # Defaults of the sections kept as plain dicts (4.7.0 keys, as they are).
 # --------------------------------------------------------------------------
 
-_SNIFFER = {
-    "enable": False,
-    "eth-name": None,
-    "eth-ip": [],
-    "dnstap-identity": "sniffer",
-    "dns-port": [53],
-    "client-query-support": True,
-    "client-response-support": True,
-    "resolver-query-support": True,
-    "resolver-response-support": True,
-    "forwarder-query-support": True,
-    "forwarder-response-support": True,
-}
 _KAFKA = {
     "rdkafka-config": {
         "bootstrap.servers": None,
@@ -122,7 +110,7 @@ _RABBITMQ = {
 _ELASTICSEARCH = {"enable": False, "url": None}
 
 # Mappings whose keys are free-form (passed to a third-party library as is).
-_FREE_FORM = frozenset({"output.kafka.rdkafka-config"})
+_FREE_FORM = frozenset({"output.kafka.rdkafka-config", "input.kafka.rdkafka-config"})
 
 
 def _dict_default(value: dict) -> Any:
@@ -166,6 +154,55 @@ class UnixSocketInput:
 
 
 @dataclass(frozen=True)
+class SnifferInput:
+    """``input.sniffer``: DNS traffic captured on a network interface (Linux,
+    CAP_NET_RAW; sources/sniffer.py). ``eth-name`` null captures on every
+    interface; without ``eth-ip`` every message is a client one. The
+    ``resolver-*`` / ``forwarder-*`` types need ``eth-ip`` (our resolver's
+    own queries to other servers)."""
+
+    enable: bool = False
+    eth_name: str | None = None
+    eth_ip: tuple[str, ...] = ()
+    dnstap_identity: str = "sniffer"
+    dns_port: tuple[int, ...] = (53,)
+    record_client_query: bool = True
+    record_client_response: bool = True
+    resolver_query_support: bool = True
+    resolver_response_support: bool = True
+    forwarder_query_support: bool = True
+    forwarder_response_support: bool = True
+
+
+# 4.7.0's README spells the client keys record-client-*, its shipped
+# dnstap.conf and its code client-*-support: both are read.
+SNIFFER_KEY_ALIASES = {
+    "client-query-support": "record-client-query",
+    "client-response-support": "record-client-response",
+}
+
+
+KAFKA_OFFSET_RESETS = ("earliest", "latest")
+
+
+@dataclass(frozen=True)
+class KafkaInput:
+    """``input.kafka`` (new): the records edge receivers wrote to a topic with
+    output.kafka (format json), read as consumer group ``group-id``
+    (sources/kafka_io.py). ``rdkafka-config`` takes output.kafka's
+    connection and security settings; ``consumer`` is what they map to in
+    kafka-python (see ``kafka_consumer_settings``)."""
+
+    enable: bool = False
+    rdkafka_config: dict = _dict_default(_KAFKA["rdkafka-config"])
+    topic: str | None = None
+    group_id: str = "dnstap-receiver"
+    auto_offset_reset: str = "latest"
+    format: str = "json"
+    consumer: dict = field(default_factory=dict, compare=False, metadata={"derived": True})
+
+
+@dataclass(frozen=True)
 class TcpClientInput:
     """``input.tcp-client``: connect to a dnstap sender that listens and read
     its Frame Streams (TLS optional); reconnect every ``retry`` seconds."""
@@ -188,8 +225,9 @@ class InputOptions:
     max_frame_size: int = 1048576
     batch_size: int = 512
     queue_size: int = 64
-    sniffer: dict = _dict_default(_SNIFFER)
+    sniffer: SnifferInput = field(default_factory=SnifferInput)
     tcp_client: TcpClientInput = field(default_factory=TcpClientInput)
+    kafka: KafkaInput = field(default_factory=KafkaInput)
 
 
 @dataclass(frozen=True)
@@ -457,8 +495,7 @@ class Config:
     output: OutputOptions = field(default_factory=OutputOptions)
 
 
-# Dict-valued inputs/outputs that exist in 4.7.0 but are not implemented here.
-_UNSUPPORTED_INPUTS = ("sniffer",)
+# Dict-valued outputs that exist in 4.7.0 but are not implemented here.
 _UNSUPPORTED_OUTPUTS = ("rabbitmq", "elasticsearch")
 
 # --------------------------------------------------------------------------
@@ -733,6 +770,68 @@ def _unsupported(data: Mapping, prefix: str) -> dict:
     return dict(data)
 
 
+def _sniffer(data: Mapping) -> SnifferInput:
+    s = _Section(data, "input.sniffer")
+    enable = s.bool("enable")
+    name = s.opt_str("eth-name")
+    if enable and name is not None and ("/" in name or name in (".", "..") or not os.path.isdir(f"/sys/class/net/{name}")):
+        raise ConfigError(f"{s.key('eth-name')}: no such network interface: {name} (see ip link)")
+    value = data["eth-ip"]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(f"{s.key('eth-ip')}: expected a list of IP addresses, got {_show(value)}")
+    addresses: list[str] = []
+    for item in items:
+        try:
+            address = str(ipaddress.ip_address(item.strip() if isinstance(item, str) else item))
+        except ValueError:
+            raise ConfigError(f"{s.key('eth-ip')}: expected an IP address, got {_show(item)}") from None
+        if address not in addresses:
+            addresses.append(address)
+    value = data["dns-port"]
+    items = [value] if _is_int(value) else value
+    if not isinstance(items, list) or not items or not all(_is_int(p) and 1 <= p <= 65535 for p in items):
+        raise ConfigError(f"{s.key('dns-port')}: expected a port or a list of ports (1-65535), got {_show(value)}")
+    if len(set(items)) > 100:
+        raise ConfigError(f"{s.key('dns-port')}: at most 100 ports (the capture filter's limit), got {len(set(items))}")
+    identity = s.opt_str("dnstap-identity")
+    if identity is None:
+        raise ConfigError(f"{s.key('dnstap-identity')}: expected a string, got null")
+    return SnifferInput(
+        enable=enable,
+        eth_name=name,
+        eth_ip=tuple(addresses),
+        dnstap_identity=identity,
+        dns_port=tuple(dict.fromkeys(items)),
+        record_client_query=s.bool("record-client-query"),
+        record_client_response=s.bool("record-client-response"),
+        resolver_query_support=s.bool("resolver-query-support"),
+        resolver_response_support=s.bool("resolver-response-support"),
+        forwarder_query_support=s.bool("forwarder-query-support"),
+        forwarder_response_support=s.bool("forwarder-response-support"),
+    )
+
+
+def _sniffer_aliases(data: Mapping) -> Mapping:
+    """``data`` with the other spellings of the sniffer's keys (SNIFFER_KEY_ALIASES) renamed."""
+    inp = data.get("input")
+    section = inp.get("sniffer") if isinstance(inp, Mapping) else None
+    if not isinstance(section, Mapping) or not any(alias in section for alias in SNIFFER_KEY_ALIASES):
+        return data
+    renamed = dict(section)
+    for alias, key in SNIFFER_KEY_ALIASES.items():
+        if alias not in renamed:
+            continue
+        value = renamed.pop(alias)
+        if key in renamed and renamed[key] != value:
+            raise ConfigError(
+                f"input.sniffer.{alias}: another spelling of input.sniffer.{key}, which is set to "
+                f"{_show(renamed[key])}; keep one of them"
+            )
+        renamed[key] = value
+    return {**data, "input": {**inp, "sniffer": renamed}}
+
+
 def _input(data: Mapping) -> InputOptions:
     s = _Section(data, "input")
     max_frame_size = s.size("max-frame-size")
@@ -747,8 +846,9 @@ def _input(data: Mapping) -> InputOptions:
         max_frame_size=max_frame_size,
         batch_size=s.int("batch-size", 1),
         queue_size=s.int("queue-size", 1),
-        sniffer=_unsupported(data["sniffer"], "input.sniffer"),
+        sniffer=_sniffer(data["sniffer"]),
         tcp_client=_tcp_client(data["tcp-client"]),
+        kafka=_kafka_input(data["kafka"]),
     )
 
 
@@ -996,6 +1096,98 @@ def _out_kafka(data: Mapping) -> KafkaOutput:
     )
 
 
+# input.kafka.rdkafka-config: the connection and security settings it
+# shares with output.kafka's producer (mapped by kafka_producer_settings),
+# and the consumer's own fetch settings.
+_RDKAFKA_CONNECTION = frozenset({
+    "bootstrap.servers", "client.id", "security.protocol", "sasl.mechanism", "sasl.mechanisms",
+    "sasl.username", "sasl.password", "ssl.ca.location", "ssl.certificate.location", "ssl.key.location",
+    "ssl.key.password", "request.timeout.ms", "retry.backoff.ms", "metadata.max.age.ms",
+    "connections.max.idle.ms",
+})
+_RDKAFKA_CONSUMER = {
+    "fetch.wait.max.ms": "fetch_max_wait_ms",
+    "fetch.min.bytes": "fetch_min_bytes",
+    "fetch.max.bytes": "fetch_max_bytes",
+    "max.partition.fetch.bytes": "max_partition_fetch_bytes",
+}
+_RDKAFKA_CONSUMER_INTEGERS = frozenset({
+    "request_timeout_ms", "retry_backoff_ms", "metadata_max_age_ms", "connections_max_idle_ms",
+    *_RDKAFKA_CONSUMER.values(),
+})
+# librdkafka consumer settings that are keys of input.kafka here.
+_RDKAFKA_INPUT_KEYS = {"group.id": "group-id", "auto.offset.reset": "auto-offset-reset"}
+
+
+def kafka_consumer_settings(rdkafka: Mapping, prefix: str = "input.kafka.rdkafka-config") -> dict:
+    """kafka-python KafkaConsumer arguments for librdkafka settings (the
+    connection and security keys of output.kafka's rdkafka-config, and the
+    fetch settings); ConfigError naming the key for any other."""
+    shared: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for key, value in rdkafka.items():
+        if value is None:
+            continue
+        if key in _RDKAFKA_CONNECTION:
+            shared[key] = value
+        elif key in _RDKAFKA_CONSUMER:
+            out[_RDKAFKA_CONSUMER[key]] = value
+        elif key in _RDKAFKA_INPUT_KEYS:
+            raise ConfigError(f"{prefix}.{key}: set input.kafka.{_RDKAFKA_INPUT_KEYS[key]} instead")
+        elif key == "enable.auto.commit":
+            raise ConfigError(f"{prefix}.{key}: not supported: the source commits the offsets it has processed")
+        elif key in _RDKAFKA_SETTINGS:
+            raise ConfigError(f"{prefix}.{key}: a producer setting (output.kafka only), not used to read")
+        else:
+            known = sorted(_RDKAFKA_CONNECTION | _RDKAFKA_CONSUMER.keys())
+            hint = difflib.get_close_matches(str(key), known, 1)
+            raise ConfigError(
+                f"{prefix}.{key}: not supported (no kafka-python equivalent)"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+    out.update(kafka_producer_settings(shared, prefix))
+    names = {target: key for key, target in {**_RDKAFKA_SETTINGS, **_RDKAFKA_CONSUMER}.items() if key in rdkafka}
+    for target in _RDKAFKA_CONSUMER_INTEGERS & out.keys():
+        value = out[target]
+        if isinstance(value, str) and value.isdigit():
+            value = out[target] = int(value)
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"{prefix}.{names[target]}: expected a positive integer, got {_show(value)}")
+    return out
+
+
+def _kafka_input(data: Mapping) -> KafkaInput:
+    s = _Section(data, "input.kafka")
+    enable = s.bool("enable")
+    rdkafka = data["rdkafka-config"]
+    if not isinstance(rdkafka, Mapping):
+        raise ConfigError(f"{s.key('rdkafka-config')}: expected a mapping, got {_show(rdkafka)}")
+    consumer = kafka_consumer_settings(rdkafka)
+    topic = s.opt_str("topic")
+    group_id = s.opt_str("group-id")
+    if group_id is None:
+        raise ConfigError(f"{s.key('group-id')}: expected a consumer group name")
+    if data["format"] != "json":
+        raise ConfigError(
+            f"{s.key('format')}: expected json (text and yaml values cannot be read back into records), "
+            f"got {_show(data['format'])}"
+        )
+    if enable:
+        if topic is None:
+            raise ConfigError(f"{s.key('topic')}: required when input.kafka.enable is true")
+        if not consumer.get("bootstrap_servers"):
+            raise ConfigError(f"{s.key('rdkafka-config')}.bootstrap.servers: required when input.kafka.enable is true")
+    return KafkaInput(
+        enable=enable,
+        rdkafka_config=dict(rdkafka),
+        topic=topic,
+        group_id=group_id,
+        auto_offset_reset=s.choice("auto-offset-reset", KAFKA_OFFSET_RESETS),
+        format="json",
+        consumer=consumer,
+    )
+
+
 def _out_pgsql(data: Mapping) -> PgsqlOutput:
     s = _Section(data, "output.pgsql")
     enable = s.bool("enable")
@@ -1190,9 +1382,11 @@ def _latency(data: Mapping) -> LatencyOptions:
 
 def _check_input_enabled(config: Config) -> None:
     inp = config.input
-    if not (inp.tcp_socket.enable or inp.unix_socket.enable or inp.tcp_client.enable):
+    if not (inp.tcp_socket.enable or inp.unix_socket.enable or inp.tcp_client.enable or inp.kafka.enable
+            or inp.sniffer.enable):
         raise ConfigError(
-            "input: no input enabled; enable input.tcp-socket, input.unix-socket or input.tcp-client"
+            "input: no input enabled; enable input.tcp-socket, input.unix-socket, input.tcp-client, input.kafka "
+            "or input.sniffer"
         )
 
 
@@ -1207,7 +1401,7 @@ def config_from_dict(data: Mapping | None, *, require_input: bool = True) -> Con
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config: expected a mapping of sections at top level, got {_show(data)}")
-    merged = _merge(config_to_dict(Config()), data, "")
+    merged = _merge(config_to_dict(Config()), _sniffer_aliases(data), "")
 
     config = Config(
         trace=_trace(merged["trace"]),

@@ -128,13 +128,6 @@ class Progress(threading.Thread):
         self._out.flush()
 
 
-def _dns_ports(value) -> frozenset[int]:
-    ports = value if isinstance(value, list) else [value]
-    if not ports or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
-        raise ConfigError(f"input.sniffer.dns-port: expected a port or a list of ports, got {value!r}")
-    return frozenset(ports)
-
-
 # Outputs whose writers cannot be shared by several processes.
 _ONE_PROCESS_OUTPUTS = (
     ("dnstap_file", "output.dnstap-file writes one Frame Streams stream per file"),
@@ -202,8 +195,8 @@ def build_replay_pipeline(
     # pcap files: the sniffer's settings say which ports are DNS and the identity.
     sniffer = config.input.sniffer
     source = ReadFromCaptures(patterns, batch_size=config.input.batch_size,
-                              dns_ports=_dns_ports(sniffer["dns-port"]),
-                              pcap_identity=str(sniffer["dnstap-identity"]),
+                              dns_ports=frozenset(sniffer.dns_port),
+                              pcap_identity=sniffer.dnstap_identity,
                               progress_path=progress_path)
     if workers > 1:
         options.view_as(DirectOptions).direct_num_workers = workers

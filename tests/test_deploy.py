@@ -42,6 +42,7 @@ UNIT = DEPLOY / "systemd" / "dnstap-receiver.service"
 SYSUSERS = DEPLOY / "systemd" / "dnstap-receiver.sysusers"
 SYSTEMD_CONF = DEPLOY / "systemd" / "dnstap.conf"
 EDGE_CONF = DEPLOY / "flink" / "edge-kafka.conf"
+CENTRAL_CONF = DEPLOY / "flink" / "central-kafka.conf"
 RUNNER_READMES = (DEPLOY / "flink" / "README.md", DEPLOY / "spark" / "README.md")
 
 CONFIG_PATH = "/etc/dnstap_receiver/dnstap.conf"
@@ -271,6 +272,19 @@ def test_edge_kafka_config_loads(tmp_path):
     assert config.output.kafka.enable and config.output.kafka.topic
     assert config.output.kafka.key == "query-ip"
     assert config.output.dnstap_file.enable and Path(config.output.dnstap_file.file).parent == logs
+
+
+def test_central_kafka_config_loads_and_reads_what_the_edge_writes(tmp_path):
+    from pipeline.build import check_kafka_input
+
+    config, logs = load_shipped(CENTRAL_CONF, "/var/log/dnstap_receiver/", tmp_path)
+    edge = load_shipped(EDGE_CONF, "/var/log/dnstap_receiver/", tmp_path)[0].output.kafka
+    kafka = config.input.kafka
+    assert kafka.enable and (kafka.topic, kafka.format) == (edge.topic, edge.format) == ("dnstap", "json")
+    assert kafka.consumer["bootstrap_servers"] == edge.producer["bootstrap_servers"]
+    check_kafka_input(config)  # the only input, no output that needs the original dnstap
+    assert not config.latency.enable  # matched at the edge
+    assert config.output.file.enable and Path(config.output.file.file).parent == logs
 
 
 # --------------------------------------------------------------------------- systemd
