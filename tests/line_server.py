@@ -12,13 +12,20 @@ import threading
 
 
 def serve(conn: socket.socket, path: str, lock: threading.Lock) -> None:
+    """Appends the connection's complete lines: lines of several connections
+    (one per worker process of a replay) never interleave in the file."""
+    pending = b""
     with conn:
         while True:
             data = conn.recv(1 << 16)
             if not data:
                 return
-            with lock, open(path, "ab") as out:
-                out.write(data)
+            pending += data
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                with lock, open(path, "ab") as out:
+                    out.write(pending[:cut])
+                pending = pending[cut:]
 
 
 def main() -> None:
