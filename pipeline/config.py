@@ -630,6 +630,12 @@ class _Section:
             )
         return items
 
+    def mapping(self, name: str) -> Mapping:
+        value = self.data[name]
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{self.key(name)}: expected a mapping, got {_show(value)}")
+        return value
+
     def regex(self, name: str) -> str | None:
         value = self.data[name]
         if value is None:
@@ -1072,9 +1078,7 @@ def kafka_producer_settings(rdkafka: Mapping, prefix: str = "output.kafka.rdkafk
 def _out_kafka(data: Mapping) -> KafkaOutput:
     s = _Section(data, "output.kafka")
     enable = s.bool("enable")
-    rdkafka = data["rdkafka-config"]
-    if not isinstance(rdkafka, Mapping):
-        raise ConfigError(f"{s.key('rdkafka-config')}: expected a mapping, got {_show(rdkafka)}")
+    rdkafka = s.mapping("rdkafka-config")
     producer = kafka_producer_settings(rdkafka)
     topic = s.opt_str("topic")
     if enable:
@@ -1159,9 +1163,7 @@ def kafka_consumer_settings(rdkafka: Mapping, prefix: str = "input.kafka.rdkafka
 def _kafka_input(data: Mapping) -> KafkaInput:
     s = _Section(data, "input.kafka")
     enable = s.bool("enable")
-    rdkafka = data["rdkafka-config"]
-    if not isinstance(rdkafka, Mapping):
-        raise ConfigError(f"{s.key('rdkafka-config')}: expected a mapping, got {_show(rdkafka)}")
+    rdkafka = s.mapping("rdkafka-config")
     consumer = kafka_consumer_settings(rdkafka)
     topic = s.opt_str("topic")
     group_id = s.opt_str("group-id")

@@ -14,11 +14,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import dns.message
 import dns.rcode
 import dns.rdatatype
-from fstrm_client import FstrmClient
+import peers
+from fstrm_client import FstrmClient, free_tcp_port
 
 from core import dnstap_pb2
 
@@ -121,3 +123,30 @@ class Traffic:
         for thread in self._threads:
             thread.join(15)
         assert not self.errors, self.errors
+
+
+def start_watched_receiver(factory, directory: Path, login: str, password: str, api_key: str, **extra):
+    """A receiver for ``Traffic`` with its web API up, a filter dropping ``BLOCKED`` and a
+    network output whose server is down (so that their counters and metrics exist);
+    ``extra`` sections are merged in. ``factory`` is conftest's receiver factory.
+    Returns (receiver, Frame Streams port, API port)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    blocked = directory / "blocked.txt"
+    blocked.write_text(BLOCKED + "\n")
+    port, api = free_tcp_port(), free_tcp_port()
+    config = {
+        "input": {"tcp-socket": {"enable": True, "local-address": "127.0.0.1", "local-port": port}},
+        "web-api": {"enable": True, "local-port": api, "login": login, "password": password, "api-key": api_key},
+        "statistics": {"window": 1},
+        "filter": {"drop-domains-file": str(blocked)},
+        "output": {"tcp-socket": {"enable": True, "remote-address": "127.0.0.1", "remote-port": free_tcp_port(),
+                                  "retry": 1, "flush-timeout": 1}},
+    }
+    for section, values in extra.items():
+        config[section] = {**config.get(section, {}), **values}
+    rx = factory(directory / "rx", config)
+    deadline = time.monotonic() + 20
+    while not peers.port_open("127.0.0.1", api):  # the API starts after the inputs listen
+        assert time.monotonic() < deadline, rx.logs()
+        time.sleep(0.1)
+    return rx, port, api

@@ -359,25 +359,10 @@ def _screenshot(driver, name: str, width: int) -> Path:
 
 
 def test_the_dashboard_in_chromium(receiver, tmp_path):
-    from dnstap_traffic import BLOCKED, Traffic
-    from fstrm_client import free_tcp_port
+    from dnstap_traffic import Traffic, start_watched_receiver
 
-    blocked = tmp_path / "blocked.txt"
-    blocked.write_text(BLOCKED + "\n")
-    port, api = free_tcp_port(), free_tcp_port()
-    rx = receiver(tmp_path / "rx", {
-        "input": {"tcp-socket": {"enable": True, "local-address": "127.0.0.1", "local-port": port}},
-        "web-api": {"enable": True, "local-port": api, "login": LOGIN, "password": PASSWORD, "api-key": KEY},
-        "statistics": {"window": 1, "keep-windows": 30},
-        "filter": {"drop-domains-file": str(blocked)},
-        # A network output whose server is down: the page shows it disconnected, buffering.
-        "output": {"tcp-socket": {"enable": True, "remote-address": "127.0.0.1", "remote-port": free_tcp_port(),
-                                  "retry": 1, "flush-timeout": 1}},
-    })
-    deadline = time.monotonic() + 20
-    while not peers.port_open("127.0.0.1", api):  # the API starts after the inputs listen
-        assert time.monotonic() < deadline, rx.logs()
-        time.sleep(0.1)
+    rx, port, api = start_watched_receiver(receiver, tmp_path, LOGIN, PASSWORD, KEY,
+                                           statistics={"keep-windows": 30})
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
         old.unlink()

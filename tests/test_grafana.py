@@ -18,8 +18,7 @@ from pathlib import Path
 import peers
 import pytest
 import yaml
-from dnstap_traffic import BLOCKED, Traffic
-from fstrm_client import free_tcp_port
+from dnstap_traffic import Traffic, start_watched_receiver
 from prometheus_client.parser import text_string_to_metric_families
 
 GRAFANA = Path(__file__).resolve().parent.parent / "deploy" / "grafana"
@@ -80,21 +79,7 @@ def receiver_with_traffic(receiver_factory, tmp_path_factory):
     """A receiver with a filter and a network output whose server is down (so that their
     metrics exist), fed generated traffic (kept flowing for the test's Prometheus)."""
     tmp = tmp_path_factory.mktemp("grafana")
-    blocked = tmp / "blocked.txt"
-    blocked.write_text(BLOCKED + "\n")
-    port, api = free_tcp_port(), free_tcp_port()
-    rx = receiver_factory(tmp / "rx", {
-        "input": {"tcp-socket": {"enable": True, "local-address": "127.0.0.1", "local-port": port}},
-        "web-api": {"enable": True, "local-port": api, "login": LOGIN, "password": PASSWORD, "api-key": "k3y-k3y-k3y"},
-        "statistics": {"window": 1},
-        "filter": {"drop-domains-file": str(blocked)},
-        "output": {"tcp-socket": {"enable": True, "remote-address": "127.0.0.1", "remote-port": free_tcp_port(),
-                                  "retry": 1, "flush-timeout": 1}},
-    })
-    deadline = time.monotonic() + 20
-    while not peers.port_open("127.0.0.1", api):  # the API starts after the inputs listen
-        assert time.monotonic() < deadline, rx.logs()
-        time.sleep(0.1)
+    rx, port, api = start_watched_receiver(receiver_factory, tmp, LOGIN, PASSWORD, "k3y-k3y-k3y")
     traffic = Traffic(port, STREAMS).start()
     try:
         yield rx, api, tmp
