@@ -35,7 +35,7 @@ class ProgressBoard:
             os.close(fd)
 
     @classmethod
-    def attach(cls, path: str | None, slots: int) -> "ProgressBoard | None":
+    def attach(cls, path: str | None, slots: int) -> ProgressBoard | None:
         """The board at ``path`` for a writer, or None if there is none here."""
         if not path:
             return None

@@ -260,8 +260,8 @@ def test_worker_processes_give_the_results_of_one_process(tmp_path):
         run_dir = tmp_path / workers
         run_dir.mkdir()
         windows = run_dir / "windows.jsonl"
-        proc, out = run_replay(run_dir, *files, "--replay-workers", workers, "--replay-windows", str(windows),
-                               output={"file": {"file-max-size": "64k", "file-count": 1000}})
+        proc, _ = run_replay(run_dir, *files, "--replay-workers", workers, "--replay-windows", str(windows),
+                             output={"file": {"file-max-size": "64k", "file-count": 1000}})
         assert proc.returncode == 0, proc.stderr
         lines = Counter()
         for name in sorted(run_dir.glob("out.json*")):
