@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import orjson
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from core import counters
@@ -50,6 +50,7 @@ from core.errors import ConfigError
 from core.progress import ProgressBoard
 from core.stats import WindowView
 from pipeline.build import (
+    LOCAL_RUNNERS,
     add_outputs,
     add_transforms,
     make_runner,
@@ -140,7 +141,8 @@ def replay_workers(config: Config, options: PipelineOptions, requested: int | No
     per core, at most one per file; 1 off the local runner (that runner
     spreads the work itself), when the Beam options set the workers
     themselves, or when an enabled output cannot be shared."""
-    if make_runner(options) is None or "direct_num_workers" in options.get_all_options(drop_default=True):
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS or \
+            "direct_num_workers" in options.get_all_options(drop_default=True):
         return 1
     workers = min(requested or os.cpu_count() or 1, files)
     if workers > 1:
