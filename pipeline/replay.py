@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import threading
@@ -59,6 +60,7 @@ from pipeline.build import (
 )
 from pipeline.config import Config
 from pipeline.worker import logging_env
+from sinks.stdout import STDOUT_LOCK_ENV
 from sources.capture_io import METRICS_NAMESPACE, ReadFromCaptures, expand_patterns
 from transforms.decode import DecodeDnstap
 from transforms.statistics import WindowStatistics
@@ -170,14 +172,24 @@ class _NoModeWarning(logging.Filter):
         return "direct_running_mode" not in str(record.msg)
 
 
-def _worker_runner():
+_QUIETED: list[logging.Filter] = []
+
+
+def _worker_runner(scratch: str):
+    """The FnApiRunner with its workers in subprocesses running
+    pipeline/worker.py; ``scratch``: a directory for the stdout lock file
+    (sinks/stdout.py) that lives as long as the run."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
-    os.environ.update(logging_env(*_log_settings()))
-    logging.getLogger("apache_beam.runners.portability.local_job_service").addFilter(_NoWorkerRelay())
-    logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").addFilter(_NoModeWarning())
-    command = f"{sys.executable} -m pipeline.worker"
+    lock = os.path.join(scratch, "stdout.lock")
+    open(lock, "wb").close()
+    os.environ.update(logging_env(*_log_settings()), **{STDOUT_LOCK_ENV: lock})
+    if not _QUIETED:
+        _QUIETED[:] = [_NoWorkerRelay(), _NoModeWarning()]
+        logging.getLogger("apache_beam.runners.portability.local_job_service").addFilter(_QUIETED[0])
+        logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").addFilter(_QUIETED[1])
+    command = f"{shlex.quote(sys.executable)} -m pipeline.worker"
     return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
 
 
@@ -188,12 +200,13 @@ def _log_settings() -> tuple[str | None, bool]:
 
 
 def build_replay_pipeline(
-    config: Config, options: PipelineOptions, patterns: list[str], windows_path: str | None = None,
+    config: Config, options: PipelineOptions, patterns: list[str], scratch: str, windows_path: str | None = None,
     workers: int = 1, progress_path: str | None = None,
 ) -> tuple[beam.Pipeline, list[str]]:
     """The replay pipeline and the files it reads, run by ``workers`` local
-    worker processes (1: in this process); NoCaptureMatch (a ConfigError) if
-    a pattern matches no file, ConfigError for transforms' bad files."""
+    worker processes (1: in this process); ``scratch``: a directory for the
+    run's own files. NoCaptureMatch (a ConfigError) if a pattern matches no
+    file, ConfigError for transforms' bad files."""
     # pcap files: the sniffer's settings say which ports are DNS and the identity.
     sniffer = config.input.sniffer
     source = ReadFromCaptures(patterns, batch_size=config.input.batch_size,
@@ -202,7 +215,7 @@ def build_replay_pipeline(
                               progress_path=progress_path)
     if workers > 1:
         options.view_as(DirectOptions).direct_num_workers = workers
-        runner = _worker_runner()
+        runner = _worker_runner(scratch)
     else:
         runner = make_runner(options)
     p = beam.Pipeline(runner=runner, options=options)
@@ -293,38 +306,33 @@ def run_replay(config: Config, patterns: list[str], beam_args: list[str], window
                workers: int | None = None) -> int:
     """``workers``: worker processes on the local runner (None: one per core)."""
     options = PipelineOptions(beam_args)
-    board_path = None
-    if sys.stderr.isatty():
-        fd, board_path = tempfile.mkstemp(prefix="dnstap-replay-", suffix=".progress")
-        os.close(fd)
-    try:
-        count = replay_workers(config, options, workers, len(expand_patterns(patterns)))
-        pipeline, paths = build_replay_pipeline(config, options, patterns, windows_path, count, board_path)
-    except (ConfigError, ValueError) as exc:
-        log.error("%s", exc)
-        if board_path:
-            os.unlink(board_path)
-        return 2
-    where = f"{count} worker processes" if count > 1 else type(pipeline.runner).__name__
-    log.info("replay: %d file(s) on %s: %s", len(paths), where, ", ".join(paths))
-    group = counters.snapshot()
-    before = {**group.get(METRICS_NAMESPACE, {}), "decoded": group.get("decode", {}).get("decoded", 0)}
-    started = time.monotonic()
-    progress = None
-    if board_path:
-        board = ProgressBoard(board_path, len(paths), create=True)
-        progress = Progress(board)
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    except Exception:
-        log.exception("replay pipeline failed")
-        return 1
-    finally:
-        if progress is not None:
-            progress.stop()
-            board.close()
-            os.unlink(board_path)
+    with tempfile.TemporaryDirectory(prefix="dnstap-replay-") as scratch:
+        board_path = os.path.join(scratch, "progress") if sys.stderr.isatty() else None
+        try:
+            count = replay_workers(config, options, workers, len(expand_patterns(patterns)))
+            pipeline, paths = build_replay_pipeline(config, options, patterns, scratch, windows_path, count,
+                                                    board_path)
+        except (ConfigError, ValueError) as exc:
+            log.error("%s", exc)
+            return 2
+        where = f"{count} worker processes" if count > 1 else type(pipeline.runner).__name__
+        log.info("replay: %d file(s) on %s: %s", len(paths), where, ", ".join(paths))
+        group = counters.snapshot()
+        before = {**group.get(METRICS_NAMESPACE, {}), "decoded": group.get("decode", {}).get("decoded", 0)}
+        started = time.monotonic()
+        board = ProgressBoard(board_path, len(paths), create=True) if board_path else None
+        progress = Progress(board) if board else None
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except Exception:
+            log.exception("replay pipeline failed")
+            return 1
+        finally:
+            os.environ.pop(STDOUT_LOCK_ENV, None)
+            if progress is not None:
+                progress.stop()
+                board.close()
     summary = summarize(result, time.monotonic() - started, before)
     for line in summary.lines(len(paths)):
         log.info("%s", line)

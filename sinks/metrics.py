@@ -103,8 +103,8 @@ class _WriteMetricsFn(beam.DoFn):
 
     def teardown(self) -> None:
         writer = getattr(self, "_writer", None)
-        if writer is not None and self._path:
-            release_shared(writer)
+        if writer is not None:
+            release_shared(writer) if self._path else writer.close()
         self._writer = None
 
 

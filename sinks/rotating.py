@@ -46,11 +46,12 @@ class RotatingFile:
         self.delimiter = delimiter
         self.rotations = 0
         self.lock = threading.Lock()  # the threads of this process; flock orders the processes
+        self._closed = False
         self._fd = os.open(path, _FLAGS, 0o644)
 
     @property
     def closed(self) -> bool:
-        return self._fd < 0
+        return self._closed
 
     def write_batch(self, data: bytes, units) -> int:
         """Write ``data``: whole units (lines, YAML documents), each followed by
@@ -98,16 +99,19 @@ class RotatingFile:
     def _locked(self) -> Iterator[int]:
         """Holds the lock of the file at ``path`` (reopened if another process
         rotated or removed it); gives its size."""
-        if self._fd < 0:
+        if self._closed:
             raise ValueError(f"{self.path}: write to a closed file")
         size = self._lock_current()
         try:
             yield size
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._fd >= 0:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _lock_current(self) -> int:
         while True:
+            if self._fd < 0:  # rotated or removed, or a reopen failed (directory gone, no descriptors left)
+                self._fd = os.open(self.path, _FLAGS, 0o644)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             mine = os.fstat(self._fd)
             try:
@@ -118,7 +122,7 @@ class RotatingFile:
                 return mine.st_size
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
-            self._fd = os.open(self.path, _FLAGS, 0o644)
+            self._fd = -1
 
     def _rotate(self) -> int:
         """Called holding the lock of the current file, so no other process
@@ -133,6 +137,7 @@ class RotatingFile:
         """Nothing is buffered here (see the module docstring)."""
 
     def close(self) -> None:
+        self._closed = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

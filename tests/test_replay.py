@@ -329,3 +329,20 @@ def test_worker_processes_flush_network_outputs_before_the_end(tmp_path):
                                                     + capture_frames("unbound-unix.fstrm"))
     finally:
         server.kill()
+
+
+def test_worker_processes_share_standard_output_line_by_line(tmp_path):
+    """Both workers write batches far larger than a pipe's atomic write
+    (PIPE_BUF) to the same pipe: every line arrives whole."""
+    conf, _ = write_config(tmp_path, output={"stdout": {"enable": True, "format": "json"},
+                                             "file": {"enable": False}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--runner=DirectRunner", "-c", str(conf), "--replay-workers", "2",
+         "--replay", str(CAPTURES / "unbound-*.fstrm")],
+        cwd=REPO, capture_output=True, timeout=RUN_TIMEOUT, check=False, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"on 2 worker processes" in proc.stderr
+    lines = Counter(orjson.dumps(orjson.loads(line), option=orjson.OPT_SORT_KEYS)
+                    for line in proc.stdout.splitlines())
+    assert lines == as_output(capture_frames("unbound-tcp.fstrm") + capture_frames("unbound-unix.fstrm"))

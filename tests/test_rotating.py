@@ -264,3 +264,25 @@ def test_processes_share_one_rotated_file(tmp_path):
         mine = [line for line in got if line.startswith(tag.encode() + b" ")]
         assert mine == [f"{tag} {i:06d} ".encode() + b"x" * (i % 50) for i in range(n)]
     assert len(got) == n * len(tags)
+
+
+def test_a_failed_reopen_is_retried_at_the_next_write(tmp_path):
+    """The directory goes away (the file was rotated away meanwhile): the write
+    fails, no stale descriptor is kept, and writing resumes once it is back."""
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "out.log"
+    rf = RotatingFile(str(path), max_size=0)
+    rf.write_lines([b"one"])
+    moved = tmp_path / "moved"
+    directory.rename(moved)
+    with pytest.raises(FileNotFoundError):
+        rf.write_lines([b"lost"])
+    assert not rf.closed
+    directory.mkdir()
+    rf.write_lines([b"two"])
+    rf.close()
+    assert (moved / "out.log").read_bytes() == b"one\n"
+    assert path.read_bytes() == b"two\n"
+    with pytest.raises(ValueError, match="closed"):
+        rf.write_lines([b"three"])
