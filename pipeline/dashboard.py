@@ -1,5 +1,5 @@
 """The live web dashboard: a page served by the web API at ``/`` and ``/dashboard`` that shows
-what the DNS traffic is doing, updated every statistics window.
+what the DNS traffic is doing, updated as the statistics windows close.
 
 Why in the receiver: 4.7.0's users needed a separate terminal tool; this page needs nothing
 but a browser. Everything it loads is in ``pipeline/dashboard/`` (HTML, CSS, a hand-made SVG
@@ -9,16 +9,25 @@ Content-Security-Policy allows this origin only.
 Authentication is the API's: a request with the API key or Basic credentials reaches the page
 and its data. A browser signs in with a form instead (``POST /login``: login and password, or
 the API key as the password), which sets an HttpOnly, SameSite=Strict session cookie; the key
-and password never appear in a URL or in the page. The cookie opens the page, its data and
-``/logout`` only, not the API (``DELETE /reset`` needs real credentials). A browser without
-credentials asking for the page (``Accept: text/html``) is sent to the login form; other
-clients get the API's 401.
+and password never appear in a URL or in the page. The cookie opens the page and its data
+only, not the API (``DELETE /reset`` needs real credentials). A browser without credentials
+asking for the page (``Accept: text/html``) is sent to the login form; other clients get the
+API's 401. The page's data request without a session (expired, or the receiver restarted)
+gets a 401 without a Basic challenge, which would pop up the browser's password dialog; the
+page then says it is signed out. ``/logout`` is public: it only clears the cookie
+(SameSite=Strict keeps other sites from posting it).
+
+Login guessing: a wrong password is answered after FAILED_LOGIN_DELAY, and the failures wait
+one after the other (a shared lock), so parallel guesses get no faster than one per delay; a
+right password never waits. A login posted from another origin (an ``Origin`` header naming
+another host, or ``Sec-Fetch-Site`` other than same-origin) is refused: no login CSRF. Signing in again revokes the
+session the browser had.
 
 The page polls ``GET /dashboard/data`` (one JSON document per stream selection) every half
-window. Per-window rates of the last hour come from :class:`History`, which gathers the
-closed windows of the statistics store as they close (the store keeps only
-``statistics.keep-windows`` of them, ten minutes by default), from the first time the
-dashboard is opened on.
+window, at least every 0.5 s and at most every 5 s. Per-window rates of the last hour come
+from :class:`History`, which gathers the closed windows of the statistics store as they
+close (the store keeps only ``statistics.keep-windows`` of them, ten minutes by default),
+from the first time the dashboard is opened on.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import logging
 import re
 import secrets
@@ -33,6 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
@@ -40,6 +51,7 @@ from core import counters
 from core.ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:  # http_api imports this module
+    from core.stats import StatsSnapshot
     from pipeline.http_api import StatsView
 
 __all__ = [
@@ -51,25 +63,28 @@ __all__ = [
     "Dashboard",
     "History",
     "Sessions",
+    "window_counts",
 ]
 
 log = logging.getLogger("dnstap_receiver.api")
 
 STATIC_DIR = Path(__file__).with_name("dashboard")
-COUNTERS = "dashboard"  # counter group: logins, failed_logins, poll_errors (created when first counted)
+# Counter group: logins, failed_logins, cross_site_logins, poll_errors (each created when first counted).
+COUNTERS = "dashboard"
 SESSION_COOKIE = "dnstap_session"
 SESSION_SECONDS = 12 * 3600
 MAX_SESSIONS = 1000  # the oldest session is dropped past this: bounded memory whoever logs in
 FAILED_LOGIN_DELAY = 0.5  # seconds before answering a wrong password: slows guessing
 HISTORY_SECONDS = 3600.0
 MAX_HISTORY_POINTS = 720  # an hour of 5 s windows; shorter windows keep a shorter span
-TOP_STREAMS = 8  # streams drawn one by one in the all-streams rate chart
+TOP_STREAMS = 8  # streams drawn one by one in the all-streams rate chart, and kept per history point
 TOP_ROWS = 10
 PAGE_PATHS = frozenset({"/", "/dashboard"})
 DATA_PATH = "/dashboard/data"
 STATIC_PREFIX = "/dashboard/static/"
-# What a session cookie opens: the page, its data, and logging out.
-SESSION_PATHS = PAGE_PATHS | {DATA_PATH, "/logout"}
+# What a session cookie opens: the page and its data.
+SESSION_PATHS = PAGE_PATHS | {DATA_PATH}
+PUBLIC_PATHS = frozenset({"/login", "/logout"})
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 
 # Every page: this origin only, no inline script, no framing.
@@ -79,7 +94,9 @@ SECURITY_HEADERS = {
         "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: with it, a browser sends "Origin: null" even on the page's own login
+    # POST, which the cross-site check must refuse; same-origin keeps the referrer in this origin.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -95,7 +112,7 @@ def _counters(values: dict) -> dict[str, float]:
     return {k: v for k, v in values.items() if _COUNTER_KEYS.fullmatch(k) and isinstance(v, (int, float))}
 
 
-def _number(value: Any) -> float:
+def _count(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
@@ -142,32 +159,72 @@ class Sessions:
 # --------------------------------------------------------------------------- history
 
 
+Counts = tuple[float, float, dict[str, float]]  # queries, responses, responses per rcode
+
+
 class _Point:
-    """One closed window: counts of queries, responses and responses per rcode, per stream
-    and in total."""
+    """One closed window: counts of queries, responses and responses per rcode, in total and
+    for its TOP_STREAMS busiest streams."""
 
     __slots__ = ("end", "start", "streams", "total")
 
-    def __init__(self, start: float, end: float) -> None:
+    def __init__(self, start: float, end: float, total: Counts, streams: dict[str, Counts]) -> None:
         self.start, self.end = start, end
-        self.total: tuple[float, float, dict[str, float]] = (0.0, 0.0, {})
-        self.streams: dict[str, tuple[float, float, dict[str, float]]] = {}
+        self.total = total
+        self.streams = streams
 
 
-def _counts(window: dict) -> tuple[float, float, dict[str, float]]:
-    counters = window.get("counters", {})
+def _counts(values: dict) -> Counts:
+    rcodes = values.get("rcodes", {})
+    return _count(values.get("query")), _count(values.get("response")), {str(k): _count(n) for k, n in rcodes.items()}
+
+
+def window_counts(snapshot: StatsSnapshot, last: int, streams: int = TOP_STREAMS) -> list[dict]:
+    """What :class:`History` reads, from one snapshot of the statistics store (so the total
+    and the streams of a point agree): the ``last`` closed windows, oldest first, as
+    ``{"start", "end", "total": counts, "streams": {name: counts}}`` where counts is
+    ``{"query", "response", "rcodes": {rcode: responses}}``, for the ``streams`` busiest
+    streams of each window only. Counters only, no top-n tables: the cost is a pass over the
+    window's streams (heapq picks the busiest), whatever their number (statistics.max-identities).
+    A StatsView offers it as ``window_counts(last, streams)``."""
+
+    def counts(stats) -> dict:
+        rcodes = {name: n for (qr, name), n in stats.rcodes.items() if qr == "response"}
+        return {"query": stats.counts["query"], "response": stats.counts["response"], "rcodes": rcodes}
+
+    out = []
+    for w in snapshot.windows(last):
+        if not w.closed:
+            continue
+        by_stream = w.stats.streams
+        busiest = heapq.nlargest(
+            streams, by_stream, key=lambda name: by_stream[name].counts["query"] + by_stream[name].counts["response"]
+        )
+        out.append({
+            "start": w.start, "end": w.end, "total": counts(w.stats.total),
+            "streams": {name: counts(by_stream[name]) for name in busiest},
+        })
+    return out
+
+
+def _rcode_rows(window: dict) -> dict:
     rows = window.get("tables", {}).get("rcodes", {}).get("hit/response", [])
-    rcodes = {str(name).removeprefix("response/"): _number(n) for name, n in rows}
-    return _number(counters.get("query")), _number(counters.get("response")), rcodes
+    return {str(name).removeprefix("response/"): n for name, n in rows}
 
 
 class History:
     """Query, response and rcode counts of the closed windows of the last hour (at most
-    MAX_HISTORY_POINTS windows), per stream and in total, read from the view's
-    ``windows()`` as they close. ``poll()`` is cheap when no window closed: one read of the
-    store's ``windows_closed`` counter when the view has it; the windows are read again
-    until a read comes SETTLE seconds after the counter changed (the store serves reads
-    from a snapshot up to half a second old)."""
+    MAX_HISTORY_POINTS windows), in total and for the TOP_STREAMS busiest streams of each
+    window (what the all-streams chart draws; a stream's own chart is 0 for a window where it
+    was not among them), so memory is bounded whatever the number of streams.
+
+    Read from the view's ``window_counts(last, streams)`` (counters only, one snapshot: see
+    :func:`window_counts`) as windows close; a view without it is read through ``windows()``,
+    once per stream, which also builds top-n tables nobody uses here. ``poll()`` is cheap when
+    no window closed: one read of the store's ``windows_closed`` counter when the view has it;
+    the windows are read again until a read comes SETTLE seconds after the counter changed
+    (the store serves reads from a snapshot up to half a second old). It runs on the API's
+    event loop: a read per closed window, bounded as above."""
 
     SETTLE = 1.0
 
@@ -184,6 +241,31 @@ class History:
         self.window: float | None = None  # seconds, from the newest window
         self.new_window_at: float | None = None  # wall time a new window was last seen
 
+    def _read(self, last: int) -> list[dict]:
+        """The last closed windows in window_counts' layout."""
+        read = getattr(self._view, "window_counts", None)
+        if read is not None:
+            return read(last, TOP_STREAMS)
+        windows = self._view.windows(last, None)
+        out = [
+            {"start": w["start"], "end": w["end"], "streams": {},
+             "total": {**w.get("counters", {}), "rcodes": _rcode_rows(w)}}
+            for w in windows
+        ]
+        index = {float(w["start"]): w for w in out}
+        for stream in self._view.streams():
+            try:
+                for w in self._view.windows(last, stream):
+                    if float(w["start"]) in index:
+                        index[float(w["start"])]["streams"][stream] = {**w.get("counters", {}), "rcodes": _rcode_rows(w)}
+            except KeyError:
+                continue  # reset since streams()
+        for w in out:
+            busy = w["streams"]
+            keep = heapq.nlargest(TOP_STREAMS, busy, key=lambda n: _count(busy[n].get("query")) + _count(busy[n].get("response")))
+            w["streams"] = {name: busy[name] for name in keep}
+        return out
+
     def poll(self) -> None:
         closed = self._view.receiver_counters().get("statistics", {}).get("windows_closed")
         now = self._monotonic()
@@ -194,27 +276,16 @@ class History:
                 return
             self._settled = now - self._changed_at >= self.SETTLE
         newest = max(self._points) if self._points else None
-        recent = self._view.windows(MAX_HISTORY_POINTS if newest is None else 3, None)
+        recent = self._read(MAX_HISTORY_POINTS if newest is None else 3)
         if newest is not None and recent and recent[0]["start"] > newest:
-            recent = self._view.windows(MAX_HISTORY_POINTS, None)  # more than 3 closed since the last poll
+            recent = self._read(MAX_HISTORY_POINTS)  # more than 3 closed since the last poll
         fresh = [w for w in recent if newest is None or w["start"] > newest]
         if not fresh:
             return
-        added: dict[float, _Point] = {}
         for w in fresh:
-            point = _Point(float(w["start"]), float(w["end"]))
-            point.total = _counts(w)
-            added[point.start] = point
-        for stream in self._view.streams():
-            try:
-                windows = self._view.windows(len(fresh), stream)
-            except KeyError:
-                continue  # reset since streams()
-            for w in windows:
-                point = added.get(float(w["start"]))
-                if point is not None:
-                    point.streams[stream] = _counts(w)
-        self._points.update(added)
+            streams = {name: _counts(c) for name, c in list(w["streams"].items())[:TOP_STREAMS]}
+            point = _Point(float(w["start"]), float(w["end"]), _counts(w["total"]), streams)
+            self._points[point.start] = point
         last = fresh[-1]
         self.window = float(last["end"]) - float(last["start"])
         self.new_window_at = self._clock()
@@ -288,34 +359,38 @@ class History:
 # --------------------------------------------------------------------------- receiver counters
 
 
-def _receiver(groups: dict[str, dict]) -> dict:
-    """What the page shows of the receiver's own counters."""
+def _receiver(groups: dict[str, dict], unanswered: float) -> dict:
+    """What the page shows of the receiver's own counters (and the unanswered queries of all
+    streams, shown with them)."""
     decode = groups.get("decode", {})
     filters = groups.get("filter", {})
     inputs = groups.get("input", {})
     outputs = []
-    dropped = _number(inputs.get("partial_frames_dropped"))
+    # Half-received frames lost at a disconnect, and frames a sniffer could not hand over
+    # while the pipeline was behind.
+    dropped = _count(inputs.get("partial_frames_dropped")) + _count(inputs.get("feed_dropped"))
     for group, values in sorted(groups.items()):
         name = group.removeprefix("output.")
         if not group.startswith("output.") or "." in name:
             continue  # not an output, or a sub-group of one (output.syslog.encode)
-        row: dict[str, Any] = {"name": name, "dropped": _number(values.get("dropped"))}
+        row: dict[str, Any] = {"name": name, "dropped": _count(values.get("dropped"))}
         if "connected" in values:
             row["connected"] = bool(values["connected"])
-            row["buffered"] = _number(values.get("buffered"))
-            row["delivered"] = _number(values.get("delivered"))
+            row["buffered"] = _count(values.get("buffered"))
+            row["delivered"] = _count(values.get("delivered"))
         else:
             row["connected"] = None  # a local output: no connection
             row["buffered"] = None
-            row["delivered"] = _number(values.get("lines", values.get("delivered")))
+            row["delivered"] = _count(values.get("lines", values.get("delivered")))
         dropped += row["dropped"]
         outputs.append(row)
     return {
-        "decoded": _number(decode.get("decoded")),
-        "malformed": _number(decode.get("malformed")),
-        "undecodable": _number(decode.get("undecodable")),
-        "filtered": sum(_number(v) for k, v in filters.items() if k != "kept"),
+        "decoded": _count(decode.get("decoded")),
+        "malformed": _count(decode.get("malformed")),
+        "undecodable": _count(decode.get("undecodable")),
+        "filtered": sum(_count(v) for k, v in filters.items() if k != "kept"),
         "dropped": dropped,
+        "unanswered": unanswered,
         "outputs": outputs,
     }
 
@@ -328,9 +403,21 @@ class Dashboard:
     them to the API's application and asks :meth:`allows` / :meth:`refuse` from its
     authentication middleware."""
 
-    def __init__(self, view: StatsView, check_login: Callable[[str, str], bool]) -> None:
+    def __init__(
+        self,
+        view: StatsView,
+        check_login: Callable[[str, str], bool],
+        stream_param: Callable[[web.Request], str | None],
+        read_stream: Callable[[Callable[[str | None], Any], str | None], Any],
+    ) -> None:
+        """``check_login(login, password)``: the form's credentials; ``stream_param`` and
+        ``read_stream``: the API's reading of ``stream=`` and of the view for one stream (an
+        unknown stream is the API's 400)."""
         self._view = view
         self._check_login = check_login
+        self._stream_param = stream_param
+        self._read_stream = read_stream
+        self._failures = asyncio.Lock()  # wrong passwords wait their delay one after the other
         self.sessions = Sessions()
         self.history = History(view)
         self._files = {p.name: p for p in STATIC_DIR.iterdir() if p.suffix in STATIC_TYPES}
@@ -341,27 +428,29 @@ class Dashboard:
 
     @staticmethod
     def public(request: web.Request) -> bool:
-        """The login form and the static files: no secret in them, needed before login."""
-        return request.path == "/login" or request.path.startswith(STATIC_PREFIX)
+        """The login form, logging out (it only clears the cookie) and the static files: no
+        secret in them, needed without a session."""
+        return request.path in PUBLIC_PATHS or request.path.startswith(STATIC_PREFIX)
 
     def session(self, request: web.Request) -> bool:
         """A valid session cookie on a path it opens, and no other credential (every
         credential sent must be right: a wrong key is not saved by a cookie)."""
         if request.path not in SESSION_PATHS:
             return False
-        if hdrs.AUTHORIZATION in request.headers or "X-API-Key" in request.headers:
+        if _api_credentials(request):
             return False
         return self.sessions.valid(request.cookies.get(SESSION_COOKIE))
 
     @staticmethod
     def refuse(request: web.Request) -> web.StreamResponse | None:
         """The answer to an unauthenticated request of the dashboard, or None for the API's
-        401: a browser is sent to the login form; the page's own data requests get a 401
+        401: a browser is sent to the login form; the page's data request without API
+        credentials (no session, or one that expired or died with a restart) gets a 401
         without a Basic challenge, which would pop up the browser's password dialog."""
         if request.method == "GET" and request.path in PAGE_PATHS and "text/html" in request.headers.get(hdrs.ACCEPT, ""):
             return _redirect("login")
-        if request.path == DATA_PATH and SESSION_COOKIE in request.cookies:
-            return web.json_response({"error": "session expired"}, status=401, headers={"Cache-Control": "no-store"})
+        if request.path == DATA_PATH and not _api_credentials(request):
+            return web.json_response({"error": "not signed in"}, status=401, headers={"Cache-Control": "no-store"})
         return None
 
     # -- routes ----------------------------------------------------------------
@@ -416,13 +505,19 @@ class Dashboard:
         return self._html("login.html")
 
     async def login(self, request: web.Request) -> web.Response:
+        if _cross_site(request):
+            counters.counter_group(COUNTERS)["cross_site_logins"] += 1
+            self._log(logging.WARNING, "dashboard: login posted from another site refused (%s)", request.remote)
+            return web.json_response({"error": "cross-site login refused"}, status=403, headers=SECURITY_HEADERS)
         form = await request.post()
         login, password = form.get("login", ""), form.get("password", "")
         if not (isinstance(login, str) and isinstance(password, str) and self._check_login(login, password)):
             counters.counter_group(COUNTERS)["failed_logins"] += 1
             self._log(logging.WARNING, "dashboard: failed login from %s", request.remote)
-            await asyncio.sleep(FAILED_LOGIN_DELAY)
+            async with self._failures:
+                await asyncio.sleep(FAILED_LOGIN_DELAY)
             return self._html("login.html", status=401, error=True)
+        self.sessions.drop(request.cookies.get(SESSION_COOKIE))  # the browser's previous session
         response = _redirect("dashboard")
         response.set_cookie(
             SESSION_COOKIE, self.sessions.create(), max_age=SESSION_SECONDS, path="/",
@@ -447,19 +542,15 @@ class Dashboard:
 
     async def data(self, request: web.Request) -> web.Response:
         self._start_polling()
-        stream = request.query.get("stream") or None
+        stream = self._stream_param(request)
         view = self._view
-        try:
-            counters = view.counters(stream)
-            tables = view.tables(TOP_ROWS, stream)
-            windows = view.windows(1, stream)
-        except KeyError:
-            if stream is None:
-                raise
-            return web.json_response({"error": f"stream: unknown stream {stream!r}"}, status=400)
+        counters, tables, windows = self._read_stream(
+            lambda s: (view.counters(s), view.tables(TOP_ROWS, s), view.windows(1, s)), stream
+        )
+        everything = counters if stream is None else view.counters(None)
         now = time.time()
         state, age = self.history.state(now)
-        if state == "empty" and (_number(counters.get("query")) or _number(counters.get("response"))):
+        if state == "empty" and (_count(counters.get("query")) or _count(counters.get("response"))):
             state = "live"  # traffic counted, its first window not closed yet
         window = windows[-1] if windows else None
         body = {
@@ -477,9 +568,30 @@ class Dashboard:
                 "tables": _top(window.get("tables", {})),
             },
             "cumulative": {"counters": _counters(counters), "tables": _top(tables)},
-            "receiver": _receiver(view.receiver_counters()),
+            "receiver": _receiver(view.receiver_counters(), _count(everything.get("unanswered"))),
         }
         return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+def _api_credentials(request: web.Request) -> bool:
+    return hdrs.AUTHORIZATION in request.headers or "X-API-Key" in request.headers
+
+
+def _cross_site(request: web.Request) -> bool:
+    """A request a page of another origin made the browser send: its Origin (sent with every
+    POST by current browsers) names another host, or Sec-Fetch-Site says so. The host is
+    compared, not the scheme: a reverse proxy terminating TLS forwards https as http (it must
+    keep the Host header)."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is None:
+        return False
+    try:
+        host = urlsplit(origin).netloc
+    except ValueError:
+        return True
+    return not host or host.lower() != request.host.lower()  # "null" (an opaque origin) too
 
 
 def _redirect(location: str) -> web.Response:
@@ -490,7 +602,7 @@ def _redirect(location: str) -> web.Response:
 def _rows(rows: Iterable, prefix: str = "") -> list[list]:
     out = []
     for name, count in list(rows)[:TOP_ROWS]:
-        out.append([str(name).removeprefix(prefix), _number(count)])
+        out.append([str(name).removeprefix(prefix), _count(count)])
     return out
 
 

@@ -12,8 +12,8 @@ Differences from 4.7.0, on purpose:
   counters for an unknown stream;
 - 401, 404 and 405 carry a JSON ``{"error": ...}`` body and a 401 asks for Basic auth;
 - every endpoint needs credentials, ``/metrics`` and ``/openapi.yaml`` included, except the
-  dashboard's login form and static files (pipeline/dashboard.py; its session cookie opens
-  the dashboard only, not the API);
+  dashboard's login form, ``/logout`` and static files (pipeline/dashboard.py; its session
+  cookie opens the dashboard only, not the API);
 - ``more=`` adds to the configured defaults for this request only (4.7.0 appended it to the
   configuration list, so extra names piled up from one request to the next);
 - ``/tables`` has 4.7.0's keys as its code served them (``rcodes``, ``clients.hit/ip``); its
@@ -76,7 +76,9 @@ _DOMAIN_TABLE = re.compile(r"[a-z0-9][a-z0-9_-]*/(query|response)")
 
 
 class StatsView(Protocol):
-    """What the API reads from the statistics store."""
+    """What the API reads from the statistics store. A view may also offer
+    ``window_counts(last, streams)`` (pipeline/dashboard.py ``window_counts``): the
+    dashboard's history then reads counters only, from one snapshot."""
 
     def streams(self) -> list[str]:
         """Identities seen so far."""
@@ -225,38 +227,44 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error")
 
 
-def _login_checker(api_key: str, login: str, password: str) -> Callable[[str, str], bool]:
-    """The dashboard's login form: the login and password, or the API key as the password.
-    Every comparison is made whatever the others gave (constant time over the guess)."""
+class _Credentials:
+    """The one place secrets are compared. An empty configured secret matches nothing; every
+    comparison is made whatever the others gave (constant time over the guess)."""
 
-    def check(given_login: str, given_password: str) -> bool:
-        login_ok = _same(given_login, login)
-        password_ok = _same(given_password, password) and bool(password)
-        key_ok = _same(given_password, api_key) and bool(api_key)
-        return (login_ok and password_ok) or key_ok
+    def __init__(self, api_key: str, login: str, password: str) -> None:
+        self._api_key, self._login, self._password = api_key, login, password
 
-    return check
+    def key(self, given: str) -> bool:
+        return _same(given, self._api_key) and bool(self._api_key)
+
+    def login(self, given_login: str, given_password: str) -> bool:
+        login_ok = _same(given_login, self._login)
+        password_ok = _same(given_password, self._password)
+        return login_ok and password_ok and bool(self._password)
+
+    def form(self, given_login: str, given_password: str) -> bool:
+        """The dashboard's login form: the login and password, or the API key as the password."""
+        login_ok = self.login(given_login, given_password)
+        key_ok = self.key(given_password)
+        return login_ok or key_ok
 
 
-def _auth_middleware(api_key: str, login: str, password: str, dashboard: Dashboard) -> Callable:
+def _auth_middleware(credentials: _Credentials, dashboard: Dashboard) -> Callable:
     def authenticated(request: web.Request) -> bool:
         key = request.headers.get("X-API-Key")
         basic = request.headers.get(hdrs.AUTHORIZATION)
         if key is None and basic is None:
             return False
         ok = True
-        # As in 4.7.0, every credential sent must be right; an empty configured secret
-        # matches nothing.
+        # As in 4.7.0, every credential sent must be right.
         if key is not None:
-            ok = _same(key, api_key) and bool(api_key)
+            ok = credentials.key(key)
         if basic is not None:
             try:
                 auth = BasicAuth.decode(basic)
             except (ValueError, binascii.Error):
                 return False
-            login_ok = _same(auth.login, login)
-            password_ok = _same(auth.password, password)
-            ok = ok and login_ok and password_ok and bool(password)
+            ok = credentials.login(auth.login, auth.password) and ok
         return ok
 
     @web.middleware
@@ -358,8 +366,9 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application, without a server (also what the tests list the routes of)."""
     h = _Handlers(view, list(default_counters), list(default_top), max_items)
-    dashboard = Dashboard(view, _login_checker(api_key, login, password))
-    app = web.Application(middlewares=[_errors, _auth_middleware(api_key, login, password, dashboard)])
+    credentials = _Credentials(api_key, login, password)
+    dashboard = Dashboard(view, credentials.form, _stream_param, _Handlers._read)
+    app = web.Application(middlewares=[_errors, _auth_middleware(credentials, dashboard)])
     app.router.add_get("/counters", h.counters, allow_head=False)
     app.router.add_get("/tables", h.tables, allow_head=False)
     app.router.add_get("/streams", h.streams, allow_head=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from core import counters
 from core.stats import StatsStore
+from pipeline.dashboard import window_counts
 
 __all__ = ["ReceiverStatsView"]
 
@@ -26,6 +27,10 @@ class ReceiverStatsView:
 
     def windows(self, last: int, stream: str | None = None) -> list[dict]:
         return self._store.windows(last, stream)
+
+    def window_counts(self, last: int, streams: int) -> list[dict]:
+        """The dashboard's history: counters only, of the busiest ``streams``."""
+        return window_counts(self._store.view(), last, streams)
 
     def reset(self) -> None:
         self._store.reset()

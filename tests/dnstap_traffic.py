@@ -6,7 +6,9 @@ identities, each over a Frame Streams connection of its own, until stopped.
 The mix is fixed per identity so that tests can predict its shape: mostly NOERROR and some
 NXDOMAIN, A/AAAA/MX, a few clients (one IPv6), UDP and some TCP, latencies of 0.4 to 30 ms,
 and one name in ``BLOCKED`` for a filter to drop. ``bad_frames`` adds a malformed message
-and an undecodable frame to the first batch of each identity.
+and an undecodable frame to the first batch of each identity. With ``hostile=True``, one
+exchange comes from identity ``HOSTILE_IDENTITY`` asking ``HOSTILE_QNAME``: markup that runs
+a script if a page puts it into HTML instead of text.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ NAMES = ["www.example.test.", "mail.example.test.", "api.example.org.", "cdn.exa
 NX_NAMES = ["nope.example.test.", "typo.example.org."]
 BLOCKED = "ads.blocked.test."
 CLIENTS = ["192.0.2.10", "192.0.2.11", "198.51.100.7", "2001:db8::53"]
+# Valid as they are: an identity is any bytes, and these labels need no escaping in a name's
+# presentation form (a space or a quote would be written \032 or \", defusing the markup).
+HOSTILE_IDENTITY = '<img src=x onerror="window.__xss=1">'
+HOSTILE_QNAME = "<img/src/onerror=window.__xss=1>.xss.test."
 QTYPES = ["A", "AAAA", "A", "MX"]
 
 
@@ -36,9 +42,12 @@ def _address(ip: str) -> tuple[int, bytes]:
     return (dnstap_pb2.INET6 if ":" in ip else dnstap_pb2.INET), socket.inet_pton(family, ip)
 
 
-def exchange(identity: str, i: int, now: float) -> list[bytes]:
-    """The query and the response of exchange number ``i`` of ``identity``, at ``now``."""
-    if i % 10 == 9:
+def exchange(identity: str, i: int, now: float, qname: str | None = None) -> list[bytes]:
+    """The query and the response of exchange number ``i`` of ``identity``, at ``now`` (for
+    ``qname`` if given)."""
+    if qname is not None:
+        rcode = dns.rcode.NOERROR
+    elif i % 10 == 9:
         qname, rcode = NX_NAMES[(i // 10) % len(NX_NAMES)], dns.rcode.NXDOMAIN
     elif i % 50 == 7:
         qname, rcode = BLOCKED, dns.rcode.NOERROR
@@ -86,14 +95,16 @@ class Traffic:
     """Sends ``rates`` (identity -> exchanges per second) to the receiver's TCP input from a
     thread per identity until :meth:`stop`; :attr:`sent` counts exchanges per identity."""
 
-    def __init__(self, port: int, rates: dict[str, int], host: str = "127.0.0.1") -> None:
-        self._port, self._host, self._rates = port, host, rates
+    def __init__(self, port: int, rates: dict[str, int], host: str = "127.0.0.1", hostile: bool = False) -> None:
+        self._port, self._host, self._rates, self._hostile = port, host, rates, hostile
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.sent = dict.fromkeys(rates, 0)
+        self.sent = dict.fromkeys([*rates, *([HOSTILE_IDENTITY] if hostile else [])], 0)
         self.errors: list[BaseException] = []
 
     def start(self) -> Traffic:
+        if self._hostile:
+            self._send_hostile()
         for identity, rate in self._rates.items():
             thread = threading.Thread(target=self._run, args=(identity, rate), daemon=True)
             thread.start()
@@ -117,6 +128,13 @@ class Traffic:
                 client.stop()
         except Exception as exc:  # noqa: BLE001 - reported by stop(): a thread cannot fail the test
             self.errors.append(exc)
+
+    def _send_hostile(self) -> None:
+        with FstrmClient.tcp(self._host, self._port) as client:
+            client.handshake()
+            client.send_frames(exchange(HOSTILE_IDENTITY, 0, time.time(), HOSTILE_QNAME))
+            client.stop()
+        self.sent[HOSTILE_IDENTITY] = 1
 
     def stop(self) -> None:
         self._stop.set()

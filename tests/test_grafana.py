@@ -26,8 +26,11 @@ DASHBOARD = GRAFANA / "dnstap-receiver.json"
 LOGIN, PASSWORD = "grafana", "n0t-the-default-either"
 STREAMS = {"unbound01": 200, "dnsdist01": 50}
 
-# Grafana's variables, as Grafana would substitute them for "All" and a short range.
-VARIABLES = {"$__rate_interval": "30s", "$__range": "5m", "$identity": ".+"}
+# Grafana's variables, as Grafana would substitute them for a short range; $identity as
+# Grafana writes "All" (the variable's allValue), one stream, and a multi-selection (a regex
+# alternation of the escaped values).
+VARIABLES = {"$__rate_interval": "30s", "$__range": "5m"}
+IDENTITIES = [".+", "unbound01", "(unbound01|dnsdist01)"]
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset"}
 _MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
@@ -42,8 +45,8 @@ def expressions() -> list[str]:
     return exprs
 
 
-def substitute(expr: str) -> str:
-    for name, value in VARIABLES.items():
+def substitute(expr: str, identity: str = ".+") -> str:
+    for name, value in {**VARIABLES, "$identity": identity}.items():
         expr = expr.replace(name, value)
     assert "$" not in expr, expr
     return expr
@@ -130,7 +133,8 @@ def test_every_metric_of_the_dashboard_is_exported(receiver_with_traffic):
                  "dnstap_responses_latency_seconds_bucket", "dnstap_queries_rrtype_total",
                  "dnstap_queries_protocol_total", "dnstap_queries_family_total", "dnstap_clients", "dnstap_domains",
                  "dnstap_receiver_decode_malformed_total", "dnstap_receiver_decode_undecodable_total",
-                 "dnstap_receiver_filter_drop_domains_total", "dnstap_receiver_output_tcp_socket_connected",
+                 "dnstap_receiver_filter_drop_domains_total", "dnstap_receiver_input_feed_dropped_total",
+                 "dnstap_receiver_output_tcp_socket_connected",
                  "dnstap_receiver_output_tcp_socket_buffered", "dnstap_receiver_output_tcp_socket_dropped_total"):
         assert name in checked, name
 
@@ -154,8 +158,9 @@ def test_every_expression_runs_in_a_real_prometheus(receiver_with_traffic):
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
 
-    def query(expr: str) -> dict:
-        url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    def query(expr: str, at: float | None = None) -> dict:
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode(params)
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 return json.loads(resp.read())
@@ -173,10 +178,18 @@ def test_every_expression_runs_in_a_real_prometheus(receiver_with_traffic):
                 break
             assert proc.poll() is None and time.monotonic() < deadline, peers.file_tail(log_path)
             time.sleep(0.5)
-        for expr in expressions():
-            answer = query(substitute(expr))
-            assert answer["status"] == "success", (expr, answer)
-            assert answer["data"]["result"], f"no data: {expr}"
+        for identity in IDENTITIES:
+            for expr in expressions():
+                answer = query(substitute(expr, identity))
+                assert answer["status"] == "success", (identity, expr, answer)
+                assert answer["data"]["result"], f"no data for identity {identity}: {expr}"
+        # The selector narrows what it should: one stream's queries are fewer than all of them,
+        # and the two-stream selection is the same as "All" here.
+        queries = next(t["expr"] for p in dashboard()["panels"] if p["id"] == 4 for t in p["targets"])
+        at = time.time() - 2  # one instant, already scraped: the three answers agree
+        counts = {i: float(query(substitute(queries, i), at)["data"]["result"][0]["value"][1]) for i in IDENTITIES}
+        assert 0 < counts["unbound01"] < counts[".+"]
+        assert counts["(unbound01|dnsdist01)"] == counts[".+"]
         streams = query("group by (identity) (dnstap_queries_total)")["data"]["result"]
         assert {r["metric"].get("identity") for r in streams} == {None, *STREAMS}
     finally:
@@ -199,6 +212,15 @@ def test_dashboard_layout_and_provisioning():
         for target in p.get("targets", []):
             assert target["datasource"] == p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
             assert target["refId"]
+    row = ""
+    for p in panels:  # a row's panels follow it
+        if p["type"] == "row":
+            row = p["title"]
+        elif "all streams" in row:  # what the row says: the stream selector does not apply
+            assert all("$identity" not in t["expr"] for t in p.get("targets", [])), p["title"]
+    dropped = next(p for p in panels if p["title"] == "Dropped")["targets"][0]["expr"]
+    for part in ("output_.+_dropped_total", "input_partial_frames_dropped_total", "input_feed_dropped_total"):
+        assert part in dropped
     names = {v["name"]: v for v in doc["templating"]["list"]}
     assert names["datasource"]["type"] == "datasource" and names["datasource"]["query"] == "prometheus"
     assert names["identity"]["allValue"] == ".+"  # "All" leaves the global series out of sums

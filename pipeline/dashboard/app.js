@@ -1,5 +1,8 @@
-/* The dashboard page: polls dashboard/data (same origin, session cookie) every half window
-   and redraws. Counts are shown formatted (1.2k, 3.4M); the exact value is in data-value. */
+/* The dashboard page: polls dashboard/data (same origin, session cookie) every half window,
+   at least every 0.5 s and at most every 5 s (the server's "poll"), and redraws. Counts are
+   shown formatted (1.2k, 3.4M); the exact value is in data-value. Whatever goes wrong (no
+   answer, an answer that is not the expected JSON, a drawing error), the page says
+   "offline" and polls again. */
 "use strict";
 
 (() => {
@@ -15,7 +18,7 @@
   const MAX_POINTS = 720; // the server's history: an hour, or 720 windows when they are shorter than 5 s
 
   const $ = (id) => document.getElementById(id);
-  const state = { stream: "", scope: "window", data: null, timer: null };
+  const state = { stream: "", scope: "window", data: null, timer: null, seq: 0 };
 
   function fmtCount(n) {
     if (n === null || n === undefined || Number.isNaN(n)) return "–";
@@ -132,6 +135,7 @@
     $("banner-empty").hidden = data.state !== "empty";
     $("banner-stale").hidden = data.state !== "stale";
     $("banner-offline").hidden = true;
+    $("banner-signed-out").hidden = true;
     if (data.state === "stale" && data.last_window_age !== null) $("stale-age").textContent = fmtAge(data.last_window_age);
     $("updated").textContent = "updated " + new Date(data.now * 1000).toLocaleTimeString();
   }
@@ -181,7 +185,7 @@
     setValue("rx-undecodable", r.undecodable);
     setValue("rx-filtered", r.filtered);
     setValue("rx-dropped", r.dropped);
-    setValue("rx-unanswered", data.cumulative.counters.unanswered || 0);
+    setValue("rx-unanswered", r.unanswered);
     const body = $("outputs");
     body.replaceChildren();
     for (const o of r.outputs) {
@@ -219,6 +223,7 @@
     renderReceiver(data);
     document.body.dataset.stream = data.stream || "";
     document.body.dataset.state = data.state;
+    document.body.dataset.now = String(data.now); // the server time of what is shown
   }
 
   function schedule(ms) {
@@ -227,40 +232,53 @@
   }
 
   async function poll() {
-    const query = state.stream ? "?stream=" + encodeURIComponent(state.stream) : "";
-    let response;
+    const seq = ++state.seq; // a poll started later (stream switch) supersedes this one
+    const stream = state.stream;
+    const query = stream ? "?stream=" + encodeURIComponent(stream) : "";
+    let next = RETRY_MS;
     try {
-      response = await fetch("dashboard/data" + query, { headers: { Accept: "application/json" }, credentials: "same-origin", cache: "no-store" });
+      const response = await fetch("dashboard/data" + query, { headers: { Accept: "application/json" }, credentials: "same-origin", cache: "no-store" });
+      if (seq !== state.seq) return;
+      if (stream !== state.stream) {
+        next = 0; // the selection changed meanwhile: ask for the new one
+      } else if (response.status === 401) {
+        signedOut();
+      } else if (response.status === 400 && stream) {
+        state.stream = ""; // the stream went away (reset): back to all streams
+        next = 0;
+      } else if (!response.ok) {
+        offline();
+      } else {
+        const data = await response.json();
+        if (seq !== state.seq) return;
+        // Drawn only if it is (still) the selected stream's; else ask for that one.
+        if ((data.stream || "") === state.stream) {
+          render(data);
+          next = Math.round((data.poll || 2) * 1000);
+        } else {
+          next = 0;
+        }
+      }
     } catch (err) {
+      if (seq !== state.seq) return;
       offline();
-      return;
     }
-    if (response.status === 401) {
-      window.location.assign("login");
-      return;
-    }
-    if (response.status === 400 && state.stream) {
-      state.stream = ""; // the stream went away (reset): back to all streams
-      schedule(0);
-      return;
-    }
-    if (!response.ok) {
-      offline();
-      return;
-    }
-    const data = await response.json();
-    render(data);
-    schedule(Math.round((data.poll || 2) * 1000));
+    schedule(next);
   }
 
-  function offline() {
+  function showState(name, label, banner) {
     const status = $("status");
-    status.dataset.state = "offline";
-    status.textContent = "offline";
-    $("banner-offline").hidden = false;
-    document.body.dataset.state = "offline";
-    schedule(RETRY_MS);
+    status.dataset.state = name;
+    status.textContent = label;
+    for (const id of ["banner-empty", "banner-stale", "banner-offline", "banner-signed-out"]) $(id).hidden = id !== banner;
+    document.body.dataset.state = name;
   }
+
+  const offline = () => showState("offline", "offline", "banner-offline");
+  // The session expired or the receiver restarted: no browser password dialog (the server
+  // sends no Basic challenge here), a link to the login form, and polling goes on (a login in
+  // another tab brings the page back).
+  const signedOut = () => showState("signed-out", "signed out", "banner-signed-out");
 
   function setScope(scope) {
     state.scope = scope;
