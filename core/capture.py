@@ -39,6 +39,7 @@ __all__ = [
     "MAX_CAPTURE_FRAME_SIZE",
     "CaptureDamage",
     "CaptureReader",
+    "Damaged",
     "open_capture",
     "read_frames",
 ]
@@ -63,6 +64,21 @@ class CaptureDamage:
 
     def __str__(self) -> str:
         return f"{self.path}: offset {self.offset}: {self.reason}"
+
+
+class Damaged(Exception):
+    """Raised inside a file reader (this module's and core/pcap.py's) at the
+    first thing it cannot read; the reader turns it into its CaptureDamage."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(reason)
+        self.offset = offset
+        self.reason = reason
+
+    @classmethod
+    def unreadable(cls, offset: int, exc: BaseException) -> Damaged:
+        """The file could not be read (or decompressed) past ``offset``."""
+        return cls(offset, f"unreadable ({type(exc).__name__}: {exc})")
 
 
 def open_capture(path: str) -> BinaryIO:
@@ -118,13 +134,6 @@ class _GzipStream:
         self.close()
 
 
-class _Damaged(Exception):
-    def __init__(self, offset: int, reason: str) -> None:
-        super().__init__(reason)
-        self.offset = offset
-        self.reason = reason
-
-
 class CaptureReader:
     """Iterator over batches (FrameBatch, at most ``batch_size`` payloads) of
     one capture. After it is exhausted: ``clean`` (STOP seen), ``damage``
@@ -172,7 +181,7 @@ class CaptureReader:
         while True:
             try:
                 pos = self._parse(buf, batch)
-            except _Damaged as exc:
+            except Damaged as exc:
                 if batch:
                     yield batch
                 self._set_damage(exc)
@@ -198,16 +207,16 @@ class CaptureReader:
         if batch:
             yield batch
         if read_error is not None:
-            self._set_damage(_Damaged(self.offset, f"unreadable ({type(read_error).__name__}: {read_error})"))
+            self._set_damage(Damaged.unreadable(self.offset, read_error))
         elif self._state == self.DONE:
             if buf or self._read_more():
-                self._set_damage(_Damaged(self.offset, "data after STOP"))
+                self._set_damage(Damaged(self.offset, "data after STOP"))
         elif buf:
-            self._set_damage(_Damaged(self.offset, f"truncated frame ({len(buf)} bytes at end of file)"))
+            self._set_damage(Damaged(self.offset, f"truncated frame ({len(buf)} bytes at end of file)"))
         elif self._state == self.WAIT_START:
-            self._set_damage(_Damaged(self.offset, "missing START (empty file)" if not self.offset else "missing START"))
+            self._set_damage(Damaged(self.offset, "missing START (empty file)" if not self.offset else "missing START"))
         else:
-            self._set_damage(_Damaged(self.offset, f"missing STOP (file ends after {self.frames} frames)"))
+            self._set_damage(Damaged(self.offset, f"missing STOP (file ends after {self.frames} frames)"))
 
     def _read_more(self) -> bool:
         try:
@@ -215,7 +224,7 @@ class CaptureReader:
         except (OSError, EOFError, zlib.error):
             return True
 
-    def _set_damage(self, exc: _Damaged) -> None:
+    def _set_damage(self, exc: Damaged) -> None:
         if self.damage is None:
             self.damage = CaptureDamage(self.path, exc.offset, exc.reason)
 
@@ -232,9 +241,9 @@ class CaptureReader:
             (length,) = unpack_from(data, pos)
             if length:
                 if self._state != self.DATA:
-                    raise _Damaged(base + pos, f"missing START (data frame of {length} bytes first)")
+                    raise Damaged(base + pos, f"missing START (data frame of {length} bytes first)")
                 if length > self.max_frame_size:
-                    raise _Damaged(base + pos, f"frame of {length} bytes exceeds the limit of "
+                    raise Damaged(base + pos, f"frame of {length} bytes exceeds the limit of "
                                                f"{self.max_frame_size} bytes")
                 end = pos + 4 + length
                 if end > n:
@@ -247,7 +256,7 @@ class CaptureReader:
                 break
             (clen,) = unpack_from(data, pos + 4)
             if clen > MAX_CONTROL_FRAME_SIZE:
-                raise _Damaged(base + pos, f"bad control frame: length {clen} exceeds "
+                raise Damaged(base + pos, f"bad control frame: length {clen} exceeds "
                                            f"{MAX_CONTROL_FRAME_SIZE} bytes")
             end = pos + 8 + clen
             if end > n:
@@ -260,21 +269,21 @@ class CaptureReader:
         try:
             frame = parse_control(body)
         except FrameStreamError as exc:
-            raise _Damaged(offset, f"bad control frame: {exc}") from None
+            raise Damaged(offset, f"bad control frame: {exc}") from None
         if frame.type == START and self._state == self.WAIT_START:
             # The spec lets START omit the content type; when named it must be dnstap.
             if frame.content_types and CONTENT_TYPE_DNSTAP not in frame.content_types:
                 offered = b", ".join(frame.content_types).decode("ascii", "replace")
-                raise _Damaged(offset, f"wrong content type {offered} (expected "
+                raise Damaged(offset, f"wrong content type {offered} (expected "
                                        f"{CONTENT_TYPE_DNSTAP.decode()})")
             self._state = self.DATA
         elif frame.type == STOP and self._state == self.DATA:
             self._state = self.DONE
         elif frame.type in CONTROL_NAMES:
             where = "before START" if self._state == self.WAIT_START else "in the data"
-            raise _Damaged(offset, f"bad control frame: unexpected {frame.name} {where}")
+            raise Damaged(offset, f"bad control frame: unexpected {frame.name} {where}")
         elif self._state == self.WAIT_START:
-            raise _Damaged(offset, f"missing START ({frame.name} control frame first)")
+            raise Damaged(offset, f"missing START ({frame.name} control frame first)")
         else:
             self.ignored_controls += 1  # unknown control types are skipped, as fstrm does
 

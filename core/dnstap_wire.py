@@ -1,5 +1,5 @@
 """Hand-written pieces of the dnstap protobuf wire format, for the places that
-build or patch messages without the protobuf library (core/pcap.py writes
+build or patch messages without the protobuf library (core/packets.py writes
 whole messages, sinks/dnstap.py rewrites the identity): a per-message parse
 and serialise would cost more than the rest of their work."""
 

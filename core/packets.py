@@ -39,9 +39,14 @@ segments and several messages in one segment both come out whole. A flow
 whose start was not seen is picked up at its first data segment, which is
 assumed to start a message. State is bounded: at most ``max_flows``
 directions (the least recently used is evicted), ``max_flow_buffer`` bytes
-held per direction (past it the flow is dropped), directions idle for
-``flow_timeout`` seconds expire (by packet time, or by the caller's clock
-through :meth:`PacketDecoder.expire`).
+and ``MAX_HELD_SEGMENTS`` early segments held per direction (past either the
+flow is dropped: each segment costs constant time, so spoofed out-of-order
+traffic cannot stall a live capture), directions idle for ``flow_timeout``
+seconds expire (by packet time, or by the caller's clock through
+:meth:`PacketDecoder.expire`). The directions closed by a FIN are remembered
+(as many as ``max_flows``, the oldest forgotten first), so that a
+retransmission after the FIN is counted, not read as a new flow that would
+emit its messages a second time.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ __all__ = [
     "FORWARDER_RESPONSE",
     "LINK_ETHERNET",
     "LINK_RAW",
+    "MAX_HELD_SEGMENTS",
     "RESOLVER_QUERY",
     "RESOLVER_RESPONSE",
     "PacketDecoder",
@@ -74,6 +80,9 @@ DEFAULT_DNS_PORTS = frozenset({53})
 DEFAULT_MAX_FLOWS = 10_000
 DEFAULT_MAX_FLOW_BUFFER = 65_535 + 2  # one largest message with its length prefix
 DEFAULT_FLOW_TIMEOUT = 60.0
+# Early segments held per direction: a 64 KiB message whose first of 46
+# segments (1,448 bytes each) comes last still fits.
+MAX_HELD_SEGMENTS = 64
 
 # Link types (pcap LINKTYPE_ numbers)
 _NULL, LINK_ETHERNET, LINK_RAW, _IPV4, _IPV6, _SLL, _LOOP, _SLL2 = 0, 1, 101, 228, 229, 113, 108, 276
@@ -85,6 +94,10 @@ _IPV6_FRAGMENT, _IPV6_AH = 44, 51
 _TCP, _UDP = 6, 17
 _FIN, _SYN, _RST = 0x01, 0x02, 0x04
 _SEQ_MASK = 0xFFFFFFFF
+# How far before a closed direction's end a segment counts as its
+# retransmission; a new connection's random first number lands there
+# one time in 4096.
+_RETRANSMIT_WINDOW = 1 << 20
 
 _U16_PAIR = struct.Struct("!HH")
 _U32 = struct.Struct("!I")
@@ -133,7 +146,7 @@ class PacketStats:
     tcp_incomplete: int = 0  # directions closed/expired/evicted holding a partial message
     flows_evicted: int = 0  # least recently used directions dropped at max_flows
     flows_expired: int = 0  # directions idle for flow_timeout
-    flows_overflowed: int = 0  # directions dropped past max_flow_buffer
+    flows_overflowed: int = 0  # directions dropped past max_flow_buffer bytes or MAX_HELD_SEGMENTS segments
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -141,14 +154,16 @@ class PacketStats:
 
 class _Flow:
     """One direction of a TCP connection: the next expected sequence number,
-    the bytes of an unfinished message, segments that came early."""
+    the bytes of an unfinished message, segments that came early (and how
+    many bytes they hold)."""
 
-    __slots__ = ("buf", "last", "next", "pending")
+    __slots__ = ("buf", "held", "last", "next", "pending")
 
     def __init__(self, next_seq: int, last: float) -> None:
         self.next = next_seq
         self.buf = b""
         self.pending: dict[int, bytes] | None = None
+        self.held = 0
         self.last = last
 
 
@@ -186,6 +201,7 @@ class PacketDecoder:
         self.out = FrameBatch()
         self._prefix = identity_field(identity) if identity else b""
         self._flows: dict[tuple, _Flow] = {}
+        self._closed: dict[tuple, int] = {}  # direction closed by a FIN -> its next sequence number
         self._sweep_at = 0.0
 
     def take(self) -> FrameBatch:
@@ -355,9 +371,17 @@ class PacketDecoder:
                     stats.tcp_incomplete += 1
                 flow = None
             seq = (seq + 1) & _SEQ_MASK  # data on a SYN (TCP Fast Open) follows it
+            self._closed.pop(key, None)
         if flow is None:
             if not payload and not flags & _SYN:
                 return  # an ACK or FIN of a flow we know nothing of
+            closed = self._closed.get(key)
+            if closed is not None and not flags & _SYN:
+                behind = (closed - seq) & _SEQ_MASK
+                if len(payload) <= behind <= _RETRANSMIT_WINDOW:
+                    stats.tcp_retransmits += 1  # a retransmission after the FIN
+                    return
+                del self._closed[key]  # a new connection whose SYN we missed
             if len(flows) >= self.max_flows:
                 old = flows.pop(next(iter(flows)))
                 stats.flows_evicted += 1
@@ -373,6 +397,11 @@ class PacketDecoder:
         if flags & _FIN and not flow.pending:
             if flow.buf:
                 stats.tcp_incomplete += 1
+            closed = self._closed
+            closed.pop(key, None)
+            if len(closed) >= self.max_flows:
+                del closed[next(iter(closed))]
+            closed[key] = flow.next
             return
         flows[key] = flow
 
@@ -395,28 +424,35 @@ class PacketDecoder:
             if pending is None:
                 pending = flow.pending = {}
             held = pending.get(seq)
-            if held is None or len(held) < len(payload):
+            if held is None:
+                if len(pending) >= MAX_HELD_SEGMENTS:
+                    return False
                 pending[seq] = payload
-            return len(flow.buf) + sum(map(len, pending.values())) <= self.max_flow_buffer
+                flow.held += len(payload)
+            elif len(held) < len(payload):
+                pending[seq] = payload
+                flow.held += len(payload) - len(held)
+            return len(flow.buf) + flow.held <= self.max_flow_buffer
         data = flow.buf + payload if flow.buf else payload
         flow.next = (flow.next + len(payload)) & _SEQ_MASK
         pending = flow.pending
-        while pending:
-            progressed = False
-            for start in list(pending):
+        if pending:
+            # In sequence order from where the flow stands (signed distances:
+            # the numbers may wrap); stop at the first gap.
+            base = flow.next
+            for start in sorted(pending, key=lambda s: (s - base + 0x80000000) & _SEQ_MASK):
                 gap = (start - flow.next) & _SEQ_MASK
                 if gap >= 0x80000000:
                     gap -= 0x100000000
-                if gap <= 0:
-                    held = pending.pop(start)
-                    if gap + len(held) > 0:
-                        data += held[-gap:] if gap else held
-                        flow.next = (flow.next + len(held) + gap) & _SEQ_MASK
-                        progressed = True
-            if not progressed:
-                break
-        if not pending:
-            flow.pending = None
+                if gap > 0:
+                    break
+                held = pending.pop(start)
+                flow.held -= len(held)
+                if gap + len(held) > 0:
+                    data += held[-gap:] if gap else held
+                    flow.next = (flow.next + len(held) + gap) & _SEQ_MASK
+            if not pending:
+                flow.pending = None
         # Split on the length prefixes.
         pos, n = 0, len(data)
         dns = self._dns
@@ -427,10 +463,7 @@ class PacketDecoder:
             dns(data[pos + 2 : end], family, 2, src, sport, dst, dport, sec, nsec)
             pos = end
         flow.buf = data[pos:] if pos < n else b""
-        held = len(flow.buf)
-        if flow.pending:
-            held += sum(map(len, flow.pending.values()))
-        return held <= self.max_flow_buffer
+        return len(flow.buf) + flow.held <= self.max_flow_buffer
 
     def expire(self, now: float) -> None:
         """Drop the TCP flow directions idle since before ``now - flow_timeout``

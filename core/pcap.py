@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from core.batches import FrameBatch
-from core.capture import DEFAULT_BATCH_SIZE, CaptureDamage
+from core.capture import DEFAULT_BATCH_SIZE, CaptureDamage, Damaged
 from core.packets import (
     DEFAULT_DNS_PORTS,
     DEFAULT_FLOW_TIMEOUT,
@@ -45,7 +45,6 @@ from core.packets import (
 )
 
 __all__ = [
-    "DEFAULT_DNS_PORTS",
     "PcapReader",
     "PcapStats",
     "is_pcap",
@@ -82,13 +81,6 @@ class PcapStats(PacketStats):
     truncated_file: int = 0  # 1 when the file ends inside a record
 
 
-class _Damaged(Exception):
-    def __init__(self, offset: int, reason: str) -> None:
-        super().__init__(reason)
-        self.offset = offset
-        self.reason = reason
-
-
 class PcapReader:
     """Iterator over batches (FrameBatch, at most ``batch_size`` dnstap frames
     in general; a packet carrying several TCP messages may add a few more) of
@@ -123,6 +115,7 @@ class PcapReader:
         self._base = 0  # file offset of self._buf[0]
         self._eof = False
         self._read_error: BaseException | None = None
+        self._last_time = (0, 0)  # of the last timed packet: a simple packet block has none of its own
         self._iter = self._run()
 
     def __iter__(self) -> Iterator[FrameBatch]:
@@ -150,12 +143,11 @@ class PcapReader:
         self._buf = buf
         return 0
 
-    def _end_damage(self, pos: int, what: str) -> _Damaged:
+    def _end_damage(self, pos: int, what: str) -> Damaged:
         if self._read_error is not None:
-            exc = self._read_error
-            return _Damaged(self._base + pos, f"unreadable ({type(exc).__name__}: {exc})")
+            return Damaged.unreadable(self._base + pos, self._read_error)
         self.stats.truncated_file = 1
-        return _Damaged(self._base + pos, f"truncated {what} ({len(self._buf) - pos} bytes at end of file)")
+        return Damaged(self._base + pos, f"truncated {what} ({len(self._buf) - pos} bytes at end of file)")
 
     def _run(self) -> Iterator[FrameBatch]:
         try:
@@ -168,25 +160,24 @@ class PcapReader:
                 self.format = "pcapng"
                 body = self._pcapng()
             elif not self._buf:
-                raise self._read_error_or(_Damaged(0, "empty file"))
+                raise self._read_error_or(Damaged(0, "empty file"))
             else:
-                raise self._read_error_or(_Damaged(0, f"not a pcap or pcapng file (magic {head.hex()})"))
+                raise self._read_error_or(Damaged(0, f"not a pcap or pcapng file (magic {head.hex()})"))
             yield from body
-        except _Damaged as exc:
+        except Damaged as exc:
             self.damage = CaptureDamage(self.path, exc.offset, exc.reason)
         self.decoder.close()
         if self.decoder.out:
             yield self.decoder.take()
 
-    def _read_error_or(self, damage: _Damaged) -> _Damaged:
+    def _read_error_or(self, damage: Damaged) -> Damaged:
         if self._read_error is not None:
-            exc = self._read_error
-            return _Damaged(0, f"unreadable ({type(exc).__name__}: {exc})")
+            return Damaged.unreadable(0, self._read_error)
         return damage
 
     def _pcap(self, magic: bytes) -> Iterator[FrameBatch]:
         order, ns_per_unit = PCAP_MAGICS[magic]
-        pos = self._fill(0, 24)
+        self._fill(0, 24)
         if len(self._buf) < 24:
             raise self._end_damage(0, "file header")
         snaplen, network = struct.unpack_from(order + "II", self._buf, 16)
@@ -214,7 +205,7 @@ class PcapReader:
                     return
             sec, frac, incl, _orig = unpack_from(buf, pos)
             if incl > limit:
-                raise _Damaged(self._base + pos, f"record of {incl} bytes exceeds the limit of {limit} "
+                raise Damaged(self._base + pos, f"record of {incl} bytes exceeds the limit of {limit} "
                                                  f"bytes (corrupt record header)")
             end = pos + 16 + incl
             if end > n:
@@ -259,33 +250,33 @@ class PcapReader:
                 elif bom == b"\x1a\x2b\x3c\x4d":
                     order = ">"
                 else:
-                    raise _Damaged(self._base + pos, f"bad section header byte-order magic {bom.hex()}")
+                    raise Damaged(self._base + pos, f"bad section header byte-order magic {bom.hex()}")
                 u32 = struct.Struct(order + "I")
                 interfaces = []  # interface numbers restart with each section
             (btype,) = u32.unpack_from(buf, pos)
             (blen,) = u32.unpack_from(buf, pos + 4)
             if blen < 12 or blen % 4:
-                raise _Damaged(self._base + pos, f"bad block length {blen}")
+                raise Damaged(self._base + pos, f"bad block length {blen}")
             if blen > MAX_BLOCK:
-                raise _Damaged(self._base + pos, f"block of {blen} bytes exceeds the limit of {MAX_BLOCK} bytes")
+                raise Damaged(self._base + pos, f"block of {blen} bytes exceeds the limit of {MAX_BLOCK} bytes")
             if len(buf) - pos < blen:
                 pos = self._fill(pos, blen)
                 buf = self._buf
                 if len(buf) < blen:
                     raise self._end_damage(0, f"block ({blen} bytes announced)")
             if u32.unpack_from(buf, pos + blen - 4)[0] != blen:
-                raise _Damaged(self._base + pos, f"block length {blen} does not match its trailing copy")
+                raise Damaged(self._base + pos, f"block length {blen} does not match its trailing copy")
             body = buf[pos + 8 : pos + blen - 4]
             start = self._base + pos
             pos += blen
             if btype == 6:  # enhanced packet block
                 if len(body) < 20:
-                    raise _Damaged(start, "enhanced packet block too short")
+                    raise Damaged(start, "enhanced packet block too short")
                 iface, high, low, caplen, _orig = struct.unpack_from(order + "IIIII", body)
                 self._pcapng_packet(interfaces, iface, (high << 32) | low, body[20 : 20 + caplen], caplen)
             elif btype == 3:  # simple packet block: interface 0, no time of its own
                 if len(body) < 4:
-                    raise _Damaged(start, "simple packet block too short")
+                    raise Damaged(start, "simple packet block too short")
                 stats.packets += 1
                 if not interfaces:
                     stats.unsupported_link += 1
@@ -297,19 +288,17 @@ class PcapReader:
                     decoder.packet(link, data[:caplen], *self._last_time)
             elif btype == 2:  # obsolete packet block
                 if len(body) < 20:
-                    raise _Damaged(start, "packet block too short")
+                    raise Damaged(start, "packet block too short")
                 iface, _drops, high, low, caplen, _orig = struct.unpack_from(order + "HHIIII", body)
                 self._pcapng_packet(interfaces, iface, (high << 32) | low, body[20 : 20 + caplen], caplen)
             elif btype == 1:  # interface description block
                 if len(body) < 8:
-                    raise _Damaged(start, "interface description block too short")
-                interfaces.append(self._interface(order, body))
+                    raise Damaged(start, "interface description block too short")
+                interfaces.append(self._interface(order, body, start))
             elif btype != _SHB_TYPE:
                 stats.skipped_blocks += 1
             if len(decoder.out) >= batch_size:
                 yield decoder.take()
-
-    _last_time = (0, 0)
 
     def _pcapng_packet(self, interfaces, iface: int, ts: int, data: bytes, caplen: int) -> None:
         stats = self.stats
@@ -333,16 +322,19 @@ class PcapReader:
         self.decoder.packet(link, data, sec, nsec)
 
     @staticmethod
-    def _interface(order: str, body: bytes) -> tuple[int, int, int, int, int]:
+    def _interface(order: str, body: bytes, start: int) -> tuple[int, int, int, int, int]:
         link, _reserved, snaplen = struct.unpack_from(order + "HHI", body)
         units, shift, offset = 1_000_000, 0, 0  # default resolution: microseconds
         pos = 8
         option = struct.Struct(order + "HH")
         while pos + 4 <= len(body):
             code, length = option.unpack_from(body, pos)
-            value = body[pos + 4 : pos + 4 + length]
             if code == 0:
                 break
+            if pos + 4 + length > len(body):
+                raise Damaged(start, f"interface description block option {code} of {length} bytes "
+                                     f"runs past the end of the block")
+            value = body[pos + 4 : pos + 4 + length]
             if code == 9 and length >= 1:  # if_tsresol
                 resol = value[0]
                 if resol & 0x80:

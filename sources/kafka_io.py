@@ -25,7 +25,10 @@ Records: each value is one JSON object written by output.kafka, parsed with
 orjson into the dict ``core.message.decode`` produced at the edge (same
 fields, same order, plus what the edge's transforms added). A value that is
 not such a record (not JSON, not an object, a field of core.message.FIELDS
-missing, a timestamp that is not a number) is counted (``input.kafka``
+missing, a timestamp that is not a number of seconds in [0, 2**33), i.e.
+before the year 2242: a timestamp in milliseconds would push the watermark
+thousands of years ahead, and one past Beam's range fails the bundle, which
+would then be read again for ever) is counted (``input.kafka``
 ``invalid``), logged (rate-limited) and skipped. text and yaml values do not
 parse back into records, so the configuration accepts json only.
 
@@ -159,6 +162,7 @@ class StopOnHubShutdown:
 # -- records ------------------------------------------------------------------
 
 _REQUIRED = FIELDS.keys()
+MAX_TIMESTAMP = 2**33  # seconds: the year 2242
 
 
 def parse_values(messages: Iterable, records: list) -> int:
@@ -184,6 +188,10 @@ def parse_values(messages: Iterable, records: list) -> int:
             skipped += 1
             missing = [name for name in FIELDS if name not in rec]
             _skip(message, f"missing fields {', '.join(missing[:5])}" if missing else "timestamp is not a number")
+            continue
+        if not 0 <= rec["timestamp"] < MAX_TIMESTAMP:  # NaN and inf cannot come from JSON
+            skipped += 1
+            _skip(message, f"timestamp {rec['timestamp']!r} is not seconds since 1970 (0 to 2**33)")
             continue
         append(rec)
     return skipped
@@ -244,6 +252,29 @@ def _new_consumer(settings: dict):
     return KafkaConsumer(**settings)
 
 
+def _until_answered(settings: dict, stop: threading.Event, doing: str, ask, retry: float):
+    """``ask(consumer)`` with a new consumer (closed after) until it returns
+    something other than None: a failure is an outage (logged once), retried
+    every ``retry`` seconds. None once ``stop`` is set."""
+    outage = _outage(settings)
+    while not stop.is_set():
+        consumer = None
+        try:
+            consumer = _new_consumer(settings)
+            answer = ask(consumer)
+        except Exception as exc:  # noqa: BLE001 - any client error: broker not there yet
+            outage.failed(doing, exc)
+        else:
+            outage.ok()
+            if answer is not None:
+                return answer
+        finally:
+            if consumer is not None:
+                _close(consumer)
+        stop.wait(retry)
+    return None
+
+
 def _close(consumer) -> None:
     try:
         consumer.close(autocommit=False, timeout_ms=1_000)
@@ -271,30 +302,24 @@ class _ListPartitionsFn(beam.DoFn):
         self._stop = stop
 
     def process(self, _impulse):
-        stop = _stop_event(self._stop)
-        outage = _outage(self._settings)
         reported_missing = False
-        while not stop.is_set():
-            consumer = None
-            try:
-                consumer = _new_consumer(self._settings)
-                partitions = consumer.partitions_for_topic(self._topic)
-            except Exception as exc:  # noqa: BLE001 - any client error: broker not there yet
-                outage.failed("listing the partitions", exc)
-            else:
-                outage.ok()
-                if partitions:
-                    log.info("input kafka: topic %s has %d partition(s)", self._topic, len(partitions))
-                    for partition in sorted(partitions):
-                        yield self._topic, partition
-                    return
-                if not reported_missing:
-                    reported_missing = True
-                    log.warning("input kafka: topic %s does not exist (yet); waiting for it", self._topic)
-            finally:
-                if consumer is not None:
-                    _close(consumer)
-            stop.wait(self.RETRY_SECONDS)
+
+        def ask(consumer):
+            nonlocal reported_missing
+            partitions = consumer.partitions_for_topic(self._topic)
+            if partitions:
+                return partitions
+            if not reported_missing:
+                reported_missing = True
+                log.warning("input kafka: topic %s does not exist (yet); waiting for it", self._topic)
+            return None
+
+        partitions = _until_answered(self._settings, _stop_event(self._stop), "listing the partitions",
+                                     ask, self.RETRY_SECONDS)
+        if partitions:
+            log.info("input kafka: topic %s has %d partition(s)", self._topic, len(partitions))
+            for partition in sorted(partitions):
+                yield self._topic, partition
 
 
 class _ReadPartitionFn(beam.DoFn, RestrictionProvider):
@@ -321,31 +346,25 @@ class _ReadPartitionFn(beam.DoFn, RestrictionProvider):
         from kafka import TopicPartition
 
         tp = TopicPartition(*element)
-        stop = _stop_event(self._stop)
-        outage = _outage(self._settings)
-        while not stop.is_set():
-            consumer = None
-            try:
-                consumer = _new_consumer(self._settings)
-                start = consumer.committed(tp, timeout_ms=self.COMMIT_TIMEOUT_MS)
-                origin = "committed offset"
-                if start is None:
-                    origin = f"no committed offset, auto-offset-reset {self._settings['auto_offset_reset']}"
-                    if self._settings["auto_offset_reset"] == "earliest":
-                        start = consumer.beginning_offsets([tp], timeout_ms=self.COMMIT_TIMEOUT_MS)[tp]
-                    else:
-                        start = consumer.end_offsets([tp], timeout_ms=self.COMMIT_TIMEOUT_MS)[tp]
-            except Exception as exc:  # noqa: BLE001 - any client error: retried
-                outage.failed(f"reading the offsets of {tp.topic}/{tp.partition}", exc)
+
+        def ask(consumer) -> tuple[int, str]:
+            start = consumer.committed(tp, timeout_ms=self.COMMIT_TIMEOUT_MS)
+            if start is not None:
+                return start, "committed offset"
+            reset = self._settings["auto_offset_reset"]
+            if reset == "earliest":
+                start = consumer.beginning_offsets([tp], timeout_ms=self.COMMIT_TIMEOUT_MS)[tp]
             else:
-                outage.ok()
-                log.info("input kafka: %s/%d from offset %d (%s)", tp.topic, tp.partition, start, origin)
-                return OffsetRange(start, END_OFFSET)
-            finally:
-                if consumer is not None:
-                    _close(consumer)
-            stop.wait(self.RETRY_SECONDS)
-        return OffsetRange(END_OFFSET, END_OFFSET)
+                start = consumer.end_offsets([tp], timeout_ms=self.COMMIT_TIMEOUT_MS)[tp]
+            return start, f"no committed offset, auto-offset-reset {reset}"
+
+        found = _until_answered(self._settings, _stop_event(self._stop),
+                                f"reading the offsets of {tp.topic}/{tp.partition}", ask, self.RETRY_SECONDS)
+        if found is None:
+            return OffsetRange(END_OFFSET, END_OFFSET)
+        start, origin = found
+        log.info("input kafka: %s/%d from offset %d (%s)", tp.topic, tp.partition, start, origin)
+        return OffsetRange(start, END_OFFSET)
 
     def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
         return OffsetRestrictionTracker(restriction)

@@ -38,6 +38,7 @@ __all__ = [
     "TcpServerSpec",
     "UnixServerSpec",
     "get_hub",
+    "host_port",
 ]
 
 log = logging.getLogger("dnstap_receiver.input")
@@ -162,6 +163,11 @@ class BatchQueue:
         return item
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _peer_ip(peername) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not isinstance(peername, tuple):
         return None  # unix socket
@@ -243,7 +249,7 @@ class ReaderProtocol(asyncio.Protocol):
 
     def log_failure(self, exc: FrameStreamError) -> None:
         # A subclass that reconnects by itself (sources/tcp_client.py) rate-limits these.
-        log.warning("%s: dropping connection from %s: %s", self.label, self.peer, exc)
+        log.warning("%s: dropping the stream of %s: %s", self.label, self.peer, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         hub = self.hub
@@ -289,6 +295,7 @@ class ListenerHub:
         self._blocked_since = 0.0
         self._blocked_pending = 0.0  # blocked seconds not reported in a log line yet
         self._next_blocked_log = 0.0
+        self._dropped_reported = 0  # feed_dropped as of the last log line
         self._servers: list[asyncio.AbstractServer] = []
         self._feeders: list = []  # handles returned by the feeders' open()
         self._unix_paths: list[str] = []
@@ -361,7 +368,7 @@ class ListenerHub:
                 self._servers.append(server)
                 for sock in server.sockets:
                     addr = sock.getsockname()
-                    where = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+                    where = host_port(addr[0], addr[1])
                     self.addresses.append(where)
                     log.info("%s input listening on %s", label, where)
         for unix in self.spec.unix:
@@ -460,14 +467,18 @@ class ListenerHub:
         now = time.monotonic()
         self.stats.blocked_seconds += now - self._blocked_since
         self._blocked_pending += now - self._blocked_since
-        if now >= self._next_blocked_log and self._blocked_pending >= BLOCKED_LOG_THRESHOLD:
+        dropped = self.stats.feed_dropped - self._dropped_reported
+        if now >= self._next_blocked_log and (self._blocked_pending >= BLOCKED_LOG_THRESHOLD or dropped):
             log.warning(
-                "input: the pipeline fell behind; sockets were not read for %.1f s "
-                "since the last report (%.1f s in total)",
+                "input: the pipeline fell behind; sockets were not read for %.1f s and %d frames "
+                "from capture threads were dropped since the last report (%.1f s and %d frames in total)",
                 self._blocked_pending,
+                dropped,
                 self.stats.blocked_seconds,
+                self.stats.feed_dropped,
             )
             self._blocked_pending = 0.0
+            self._dropped_reported = self.stats.feed_dropped
             self._next_blocked_log = now + BLOCKED_LOG_EVERY
 
     async def _shutdown(self) -> None:

@@ -22,12 +22,19 @@ queries to other servers are RESOLVER_* or FORWARDER_* (4.7.0's
 CLIENT_* one, by its QR bit.
 
 A classic BPF filter on the socket lets only IPv4/IPv6 UDP/TCP packets to or
-from a DNS port (plus IP fragments, VLAN-tagged frames, IPv6 extension
-headers and links that are not Ethernet, which the decoder sorts out) reach
-Python, and drops the outgoing copy of every loopback packet (the kernel
-shows each packet on ``lo`` twice: sent, then received), so each message is
-seen once. Packets the ring had no room for are counted from
-``PACKET_STATISTICS`` (``kernel_drops``) and logged. Counters (``stats``,
+from a DNS port reach Python (plus IP fragments, VLAN-tagged frames and IPv6
+extension headers, which the decoder sorts out; Ethernet, loopback and raw IP
+links such as tun or WireGuard are filtered, other link types pass whole),
+and drops the outgoing copy of every loopback packet (the kernel shows each
+packet on ``lo`` twice: sent, then received), so on one interface each
+message is seen once. Without ``eth-name`` (every interface) a message that
+crosses several interfaces of this host (a bridge and its ports, a veth pair,
+a VLAN or bond and its members, a tunnel and the link under it) is captured
+once on each: name the interface the DNS traffic arrives on. Packets the ring
+had no room for are counted from ``PACKET_STATISTICS`` (``kernel_drops``) and
+logged. The bound interface going down (or being deleted) is logged once and
+the capture waits: it resumes when the interface is up again, or once an
+interface of that name exists again (it is bound anew). Counters (``stats``,
 registered as the ``input.sniffer`` counter group): packets, dns_messages,
 non_dns, malformed, fragments, kernel_drops, flows_expired... TCP flow state
 is bounded and idle flows expire.
@@ -37,9 +44,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import ipaddress
 import logging
 import mmap
+import os
 import select
 import socket
 import struct
@@ -53,9 +62,6 @@ from core.packets import (
     ALL_MESSAGE_TYPES,
     CLIENT_QUERY,
     CLIENT_RESPONSE,
-    DEFAULT_FLOW_TIMEOUT,
-    DEFAULT_MAX_FLOW_BUFFER,
-    DEFAULT_MAX_FLOWS,
     FORWARDER_QUERY,
     FORWARDER_RESPONSE,
     LINK_ETHERNET,
@@ -76,6 +82,7 @@ RING_BLOCK = 1 << 20  # bytes; a block holds many packets, or one of up to 1 MiB
 RING_BLOCKS = 32
 RING_RETIRE_MS = 10  # a block not full is handed to us after this long
 KERNEL_DROP_LOG_EVERY = 60.0
+REBIND_EVERY = 1.0  # seconds between looks for a deleted interface's successor
 
 _ETH_P_ALL = 0x0003
 _SOL_PACKET = 263
@@ -113,10 +120,6 @@ class SnifferSpec:
     dns_ports: tuple[int, ...] = (53,)
     identity: str = "sniffer"
     message_types: tuple[int, ...] = tuple(sorted(ALL_MESSAGE_TYPES))
-    ring_blocks: int = RING_BLOCKS
-    max_flows: int = DEFAULT_MAX_FLOWS
-    max_flow_buffer: int = DEFAULT_MAX_FLOW_BUFFER
-    flow_timeout: float = DEFAULT_FLOW_TIMEOUT
 
     async def open(self, hub) -> _Capture:
         sock, ring = open_socket(self)
@@ -128,8 +131,7 @@ class SnifferSpec:
         local = frozenset(ipaddress.ip_address(ip).packed for ip in self.local_ips) or None
         return PacketDecoder(
             dns_ports=frozenset(self.dns_ports), identity=self.identity, local_ips=local,
-            message_types=frozenset(self.message_types), max_flows=self.max_flows,
-            max_flow_buffer=self.max_flow_buffer, flow_timeout=self.flow_timeout, stats=stats,
+            message_types=frozenset(self.message_types), stats=stats,
         )
 
 
@@ -152,20 +154,10 @@ def sniffer_spec(options) -> SnifferSpec:
     )
 
 
-def _interface_type(name: str) -> int | None:
-    try:
-        with open(f"/sys/class/net/{name}/type", encoding="ascii") as handle:
-            return int(handle.read())
-    except (OSError, ValueError):
-        return None
-
-
 def open_socket(spec: SnifferSpec) -> tuple[socket.socket, mmap.mmap]:
     """The packet socket of ``spec`` (filtered, bound) and its mapped ring;
     ConfigError when they cannot be had (no CAP_NET_RAW, no such interface)."""
     where = spec.interface or "all interfaces"
-    if spec.interface is not None and _interface_type(spec.interface) is None:
-        raise ConfigError(f"input.sniffer.eth-name: no such network interface: {spec.interface}")
     try:
         program = bpf_filter(spec.dns_ports)
     except ValueError as exc:
@@ -188,8 +180,8 @@ def open_socket(spec: SnifferSpec) -> tuple[socket.socket, mmap.mmap]:
         attach_filter(sock, program)
         frame = 2048  # V3 packs packets of any size in a block; the kernel only checks this
         sock.setsockopt(_SOL_PACKET, _PACKET_RX_RING, _REQ3.pack(
-            RING_BLOCK, spec.ring_blocks, frame, RING_BLOCK // frame * spec.ring_blocks, RING_RETIRE_MS, 0, 0))
-        ring = mmap.mmap(sock.fileno(), RING_BLOCK * spec.ring_blocks, mmap.MAP_SHARED,
+            RING_BLOCK, RING_BLOCKS, frame, RING_BLOCK // frame * RING_BLOCKS, RING_RETIRE_MS, 0, 0))
+        ring = mmap.mmap(sock.fileno(), RING_BLOCK * RING_BLOCKS, mmap.MAP_SHARED,
                          mmap.PROT_READ | mmap.PROT_WRITE)
         if spec.interface:
             sock.bind((spec.interface, _ETH_P_ALL))
@@ -197,6 +189,8 @@ def open_socket(spec: SnifferSpec) -> tuple[socket.socket, mmap.mmap]:
         if ring is not None:
             ring.close()
         sock.close()
+        if exc.errno == errno.ENODEV:
+            raise ConfigError(f"input.sniffer.eth-name: no such network interface: {spec.interface}") from None
         raise ConfigError(f"input.sniffer: cannot capture on {where}: {exc.strerror or exc}") from None
     return sock, ring
 
@@ -206,7 +200,8 @@ def open_socket(spec: SnifferSpec) -> tuple[socket.socket, mmap.mmap]:
 _LDH, _LDB, _LDW = 0x28, 0x30, 0x20  # ld{h,b,} [k]
 _LDH_IND = 0x48  # ldh [x + k]
 _LDXB_MSH = 0xB1  # ldx 4 * ([k] & 0xf)
-_JEQ, _JSET = 0x15, 0x45
+_JEQ, _JSET, _JA = 0x15, 0x45, 0x05
+_AND = 0x54  # and #k
 _RET = 0x06
 _SKF_AD_PKTTYPE, _SKF_AD_HATYPE = 0xFFFFF000 + 4, 0xFFFFF000 + 28
 _SNAP = 0x40000  # bytes kept of an accepted packet: all of it
@@ -215,12 +210,13 @@ _IPV6_NEXT_HEADERS = (0, 43, 44, 51, 60, 135, 139, 140)  # extension headers: Py
 
 def bpf_filter(dns_ports) -> list[tuple[int, int, int, int]]:
     """A classic BPF program (code, jt, jf, k) that keeps, of Ethernet-framed
-    packets (Ethernet and loopback interfaces), the IPv4/IPv6 UDP/TCP packets
-    to or from one of ``dns_ports``, IP fragments (counted by the decoder),
-    VLAN-tagged frames and IPv6 packets with extension headers (both sorted
-    out by the decoder); drops the outgoing copy of each loopback packet;
-    keeps every packet of other link types (the decoder reads or counts
-    them). ValueError for more ports than its 8-bit jumps can reach."""
+    packets (Ethernet and loopback interfaces) and raw IP packets (tun,
+    WireGuard), the IPv4/IPv6 UDP/TCP packets to or from one of
+    ``dns_ports``, IP fragments (counted by the decoder), VLAN-tagged frames
+    and IPv6 packets with extension headers (both sorted out by the decoder);
+    drops the outgoing copy of each loopback packet; keeps every packet of
+    other link types (the decoder reads or counts them). ValueError for more
+    ports than its 8-bit jumps can reach."""
     ports = sorted(set(dns_ports))
     prog: list = []  # (code, jt, jf, k), jt/jf a label name or 0 (next)
     labels: dict[str, int] = {}
@@ -239,46 +235,61 @@ def bpf_filter(dns_ports) -> list[tuple[int, int, int, int]]:
         label(name)
         prog.append(accept)
 
+    def match_ip(l3: str, base: int) -> None:
+        # The IPv4 and IPv6 headers at ``base``, labels ``l3``-ipv4 and ``l3``-ipv6.
+        label(f"{l3}-ipv4")
+        prog.append((_LDB, 0, 0, base + 9))
+        prog.append((_JEQ, f"{l3}-ipv4-l4", 0, 17))
+        prog.append((_JEQ, f"{l3}-ipv4-l4", 0, 6))
+        prog.append(drop)
+        label(f"{l3}-ipv4-l4")
+        prog.append((_LDH, 0, 0, base + 6))
+        prog.append((_JSET, 0, f"{l3}-ipv4-ports", 0x1FFF))  # a later fragment: no ports to look at
+        prog.append(accept)
+        label(f"{l3}-ipv4-ports")
+        prog.append((_LDXB_MSH, 0, 0, base))
+        match_ports(_LDH_IND, base, f"{l3}-ipv4-dns")
+        label(f"{l3}-ipv6")
+        prog.append((_LDB, 0, 0, base + 6))
+        prog.append((_JEQ, f"{l3}-ipv6-l4", 0, 17))
+        prog.append((_JEQ, f"{l3}-ipv6-l4", 0, 6))
+        for header in _IPV6_NEXT_HEADERS:
+            prog.append((_JEQ, f"{l3}-ipv6-ext", 0, header))
+        prog.append(drop)
+        label(f"{l3}-ipv6-ext")
+        prog.append(accept)
+        label(f"{l3}-ipv6-l4")
+        match_ports(_LDH, base + 40, f"{l3}-ipv6-dns")
+
     prog.append((_LDW, 0, 0, _SKF_AD_HATYPE))
     prog.append((_JEQ, "loopback", 0, _ARPHRD_LOOPBACK))
     prog.append((_JEQ, "ethernet", 0, _ARPHRD_ETHER))
+    prog.append((_JEQ, "to-raw", 0, _ARPHRD_RAWIP))
+    prog.append((_JEQ, "to-raw", 0, _ARPHRD_NONE))
     prog.append(accept)
+    label("to-raw")
+    prog.append((_JA, 0, 0, "raw"))  # past the Ethernet part: further than a conditional jump reaches
     label("loopback")
     prog.append((_LDW, 0, 0, _SKF_AD_PKTTYPE))
     prog.append((_JEQ, 0, "ethernet", _PACKET_OUTGOING))
     prog.append(drop)
     label("ethernet")
     prog.append((_LDH, 0, 0, 12))
-    prog.append((_JEQ, "ipv4", 0, 0x0800))
-    prog.append((_JEQ, "ipv6", 0, 0x86DD))
+    prog.append((_JEQ, "eth-ipv4", 0, 0x0800))
+    prog.append((_JEQ, "eth-ipv6", 0, 0x86DD))
     for vlan in (0x8100, 0x88A8, 0x9100):
         prog.append((_JEQ, "vlan", 0, vlan))
     prog.append(drop)
     label("vlan")
     prog.append(accept)
-    label("ipv4")
-    prog.append((_LDB, 0, 0, 23))
-    prog.append((_JEQ, "ipv4-l4", 0, 17))
-    prog.append((_JEQ, "ipv4-l4", 0, 6))
+    match_ip("eth", 14)
+    label("raw")
+    prog.append((_LDB, 0, 0, 0))
+    prog.append((_AND, 0, 0, 0xF0))  # the IP version
+    prog.append((_JEQ, "raw-ipv4", 0, 0x40))
+    prog.append((_JEQ, "raw-ipv6", 0, 0x60))
     prog.append(drop)
-    label("ipv4-l4")
-    prog.append((_LDH, 0, 0, 20))
-    prog.append((_JSET, 0, "ipv4-ports", 0x1FFF))  # a later fragment: no ports to look at
-    prog.append(accept)
-    label("ipv4-ports")
-    prog.append((_LDXB_MSH, 0, 0, 14))
-    match_ports(_LDH_IND, 14, "ipv4-dns")
-    label("ipv6")
-    prog.append((_LDB, 0, 0, 20))
-    prog.append((_JEQ, "ipv6-l4", 0, 17))
-    prog.append((_JEQ, "ipv6-l4", 0, 6))
-    for header in _IPV6_NEXT_HEADERS:
-        prog.append((_JEQ, "ipv6-ext", 0, header))
-    prog.append(drop)
-    label("ipv6-ext")
-    prog.append(accept)
-    label("ipv6-l4")
-    match_ports(_LDH, 54, "ipv6-dns")
+    match_ip("raw", 0)
     out = []
     for i, (code, jt, jf, k) in enumerate(prog):
         jumps = []
@@ -287,7 +298,7 @@ def bpf_filter(dns_ports) -> list[tuple[int, int, int, int]]:
             if not 0 <= delta <= 255:
                 raise ValueError(f"too many ports for the capture filter ({len(ports)}; at most 100)")
             jumps.append(delta)
-        out.append((code, jumps[0], jumps[1], k))
+        out.append((code, jumps[0], jumps[1], labels[k] - i - 1 if isinstance(k, str) else k))
     return out
 
 
@@ -300,6 +311,14 @@ def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]])
 
 
 # ---------------------------------------------------------------------- capture thread
+
+
+def _index(interface: str | None) -> int:
+    """The index of ``interface``, 0 for none or one that does not exist."""
+    try:
+        return socket.if_nametoindex(interface) if interface else 0
+    except OSError:
+        return 0
 
 
 class _Capture:
@@ -316,6 +335,9 @@ class _Capture:
         self._thread = threading.Thread(target=self._run, name="dnstap-sniffer", daemon=True)
         self._next_drop_log = 0.0
         self._drops_logged = 0
+        self._down: str | None = None  # the socket error that stopped the capture, as logged
+        self._ifindex = _index(spec.interface)
+        self._next_rebind = 0.0
 
     def start(self) -> None:
         counters.register("input.sniffer", self.stats.as_dict)
@@ -339,7 +361,7 @@ class _Capture:
         poller.register(self.sock, select.POLLIN | select.POLLERR)
         links = _LINKS
         block_head, packet_head, hatype_at = _BLOCK_HEAD.unpack_from, _PACKET_HEAD.unpack_from, _HATYPE.unpack_from
-        block, blocks = 0, self.spec.ring_blocks
+        block, blocks = 0, RING_BLOCKS
         next_flush = time.monotonic() + FLUSH_INTERVAL
         try:
             while not self._stop.is_set():
@@ -357,8 +379,14 @@ class _Capture:
                     block = (block + 1) % blocks
                     if len(decoder.out) >= batch_size:
                         hub.feed_threadsafe(decoder.take())
+                    if self._down is not None:
+                        self._down = None
+                        log.info("sniffer: capturing on %s again", self.spec.interface)
                 else:
-                    poller.poll(POLL_MS)
+                    for _fd, event in poller.poll(POLL_MS):
+                        if event & select.POLLERR and self._socket_error():
+                            # A pending error makes poll() return at once until it is read.
+                            self._stop.wait(POLL_MS / 1000)
                 now = time.monotonic()
                 if now >= next_flush:
                     next_flush = now + FLUSH_INTERVAL
@@ -366,6 +394,9 @@ class _Capture:
                         hub.feed_threadsafe(decoder.take())
                     decoder.expire(time.time())
                     self._kernel_stats(now)
+                    if self._down is not None and self.spec.interface and now >= self._next_rebind:
+                        self._next_rebind = now + REBIND_EVERY
+                        self._rebind()
         except Exception:  # a bug, not a packet (the decoder counts those): say so, stop capturing
             log.exception("sniffer: capture stopped by an unexpected error")
         finally:
@@ -375,6 +406,30 @@ class _Capture:
             self._kernel_stats(time.monotonic())
             ring.close()
             self.sock.close()
+
+    def _socket_error(self) -> bool:
+        """Read (and so clear) the socket's pending error, e.g. ENETDOWN when
+        the bound interface went down or was deleted; log it once."""
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not code:
+            return False
+        down = os.strerror(code)
+        if down != self._down:
+            self._down = down
+            log.warning("sniffer: capture on %s interrupted (%s); waiting for the interface to come back",
+                        self.spec.interface or "all interfaces", down)
+        return True
+
+    def _rebind(self) -> None:
+        """Bind anew once an interface of our name exists again with another
+        index (it was deleted and created again: the old binding is gone)."""
+        index = _index(self.spec.interface)
+        if index and index != self._ifindex:
+            try:
+                self.sock.bind((self.spec.interface, _ETH_P_ALL))
+            except OSError:
+                return  # gone again
+            self._ifindex = index
 
     def _kernel_stats(self, now: float) -> None:
         try:

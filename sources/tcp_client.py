@@ -14,9 +14,13 @@ closes or stops the stream, wait ``retry`` seconds, connect again. While the
 remote is down every attempt fails the same way, so the outage is logged once
 (and again only when its reason changes), and the first stream afterwards is
 logged with the number of failed attempts. A remote that accepts connections
-but never starts a stream (it closes at once, or offers another content type)
-counts as an outage too, instead of logging a connection and a failure every
-``retry`` seconds. At shutdown the loop stops; an open stream is answered with
+but never starts a stream (it closes at once, offers another content type, or
+sends nothing for ``connect_timeout`` seconds: the connection is then
+aborted) counts as an outage too, instead of logging a connection and a
+failure every ``retry`` seconds. A name with several addresses is tried the
+Happy Eyeballs way (RFC 8305: the next address after HAPPY_EYEBALLS_DELAY
+without an answer), so an address that drops SYNs does not use up the
+timeout of the others. At shutdown the loop stops; an open stream is answered with
 FINISH by the hub like any other connection.
 """
 
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 
 from core.errors import ConfigError, FrameStreamError
 from core.framestream import ReaderSession
-from sources.listener import ListenerHub, ReaderProtocol
+from sources.listener import ListenerHub, ReaderProtocol, host_port
 
 __all__ = ["TcpClientSpec"]
 
@@ -41,8 +45,10 @@ log = logging.getLogger("dnstap_receiver.input")
 
 LABEL = "tcp-client"
 # A remote that drops SYNs would otherwise hold an attempt for the OS's
-# connect timeout (about two minutes on Linux).
+# connect timeout (about two minutes on Linux); one that accepts and sends
+# nothing would hold it for ever. Both count as an outage after this long.
 CONNECT_TIMEOUT = 10.0
+HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's recommended connection attempt delay
 # A remote host that is gone is noticed after 60 s idle + 3 probes 10 s apart.
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 10
@@ -63,7 +69,7 @@ class TcpClientSpec:
 
     @property
     def where(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+        return host_port(self.address, self.port)
 
     async def open(self, hub: ListenerHub) -> TcpClient:
         """Start the reconnect loop (feeder interface of ``HubSpec.feeders``)."""
@@ -120,12 +126,19 @@ class TcpClient:
                         spec.port,
                         ssl=self._context,
                         server_hostname=spec.address if self._context else None,
+                        happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
                     )
             except Exception as exc:  # refused, unreachable, name, TLS, timeout: never end the loop
                 stats.client_connect_errors += 1
                 self._down(f"unreachable: {_reason(exc, spec)}", quiet_connect=False)
             else:
                 stats.client_connects += 1
+                try:
+                    async with asyncio.timeout(spec.connect_timeout):
+                        await conn.settled
+                except TimeoutError:
+                    conn.failure = f"started no stream within {spec.connect_timeout:g} s"
+                    conn.transport.abort()
                 await conn.ended
                 if not conn.started:
                     self._down(conn.failure or "closed the connection before starting a stream", quiet_connect=True)
@@ -164,7 +177,9 @@ class _ClientProtocol(ReaderProtocol):
     def __init__(self, client: TcpClient) -> None:
         super().__init__(client.hub, LABEL, None)
         self.client = client
-        self.ended = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.settled = loop.create_future()  # the stream started, or the connection ended
+        self.ended = loop.create_future()
         self.started = False
         self.failure: str | None = None  # protocol error before the stream started
 
@@ -193,12 +208,14 @@ class _ClientProtocol(ReaderProtocol):
         super().data_received(data)
         if not self.started and not self.failed and self.session.state in (ReaderSession.DATA, ReaderSession.DONE):
             self.started = True
+            self.settled.set_result(None)
             self.client._started(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        if not self.ended.done():
-            self.ended.set_result(None)
+        for future in (self.settled, self.ended):
+            if not future.done():
+                future.set_result(None)
 
 
 def _is_ip(address: str) -> bool:

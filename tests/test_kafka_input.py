@@ -322,6 +322,17 @@ def test_parse_values_skips_what_is_not_a_record(value):
     assert parse_values([message(orjson.dumps(bad_time))], records) == 1 and records == []
 
 
+@pytest.mark.parametrize("timestamp", [1.7e12, 2**33, -1, -9.2e12, 9.2e12, 1e300])
+def test_parse_values_skips_timestamps_out_of_range(timestamp):
+    """Milliseconds (1.7e12) pushed the watermark ~50,000 years ahead; +-9.2e12
+    made Beam's timestamp coder raise, failing the bundle and re-reading it for ever."""
+    records: list = []
+    assert parse_values([message(orjson.dumps(dict(RECORDS[0], timestamp=timestamp)))], records) == 1
+    assert records == []
+    edge = [dict(RECORDS[0], timestamp=t) for t in (0, 2**33 - 1, 1_700_000_000.25)]
+    assert parse_values([message(orjson.dumps(r)) for r in edge], records) == 0 and records == edge
+
+
 # --------------------------------------------------------------------------- the source
 
 

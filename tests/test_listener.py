@@ -8,6 +8,7 @@ drained to END and forgotten after its test.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -711,7 +712,8 @@ def test_feeder_is_closed_before_the_last_batch(hubs):
     assert close_hub(hub) == payloads(5_000, "feed")
 
 
-def test_feeder_drops_and_counts_while_the_pipeline_is_behind(hubs):
+def test_feeder_drops_and_counts_while_the_pipeline_is_behind(hubs, caplog):
+    caplog.set_level(logging.WARNING, logger="dnstap_receiver.input")
     hub = hubs(tcp=(), feeders=(ThreadFeeder(20_000, chunk=10),), batch_size=10, queue_size=2)
     wait_until(lambda: hub.stats.frames + hub.stats.feed_dropped == 20_000, what="all frames fed")
     assert hub.stats.feed_dropped > 0
@@ -719,6 +721,11 @@ def test_feeder_drops_and_counts_while_the_pipeline_is_behind(hubs):
     assert len(taken) == hub.stats.frames
     assert len(taken) + hub.stats.feed_dropped == 20_000
     assert taken == sorted(taken), "frames reordered"
+    # The drops are reported (they were only counted), even after a short stall.
+    (line,) = [r.getMessage() for r in caplog.records if "fell behind" in r.getMessage()]
+    dropped = hub.stats.feed_dropped
+    assert f"{dropped} frames from capture threads were dropped since the last report" in line
+    assert line.endswith(f"{dropped} frames in total)")
 
 
 def test_feeder_open_error_stops_the_start(hubs):

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from core import dnstap_pb2
 from core.capture import open_capture
 from core.message import decode
+from core.packets import LINK_RAW, MAX_HELD_SEGMENTS, PacketDecoder
 from core.pcap import PcapStats, is_pcap, read_pcap
 
 DATA = Path(__file__).resolve().parent / "data" / "pcap"
@@ -511,6 +512,47 @@ def test_tcp_buffer_is_bounded():
     assert reader.stats.flows_overflowed == 1
 
 
+def test_out_of_order_segments_cost_linear_time_and_are_bounded():
+    """Each early segment used to re-sum every held one: 20,000 one-byte
+    segments with gaps between them took seconds (a live capture stalls on
+    spoofed traffic). Now a direction holds at most MAX_HELD_SEGMENTS."""
+    n = 40_000
+    decoder = PacketDecoder()
+    packets = [ipv4(CLIENT4, SERVER4, tcp(40001, 53, 1000 + 2 * i, b"\0")) for i in range(n)]
+    started = time.process_time()
+    for packet in packets:
+        decoder.packet(LINK_RAW, packet, 100, 0)
+    elapsed = time.process_time() - started
+    assert elapsed < 2.0, f"{n} out-of-order segments took {elapsed:.2f} s"
+    stats = decoder.stats
+    # Each flow holds MAX_HELD_SEGMENTS, is dropped at the next, and the one after starts the next flow.
+    assert stats.flows_overflowed == n // (MAX_HELD_SEGMENTS + 2)
+    assert stats.tcp_out_of_order == stats.flows_overflowed * (MAX_HELD_SEGMENTS + 1) + n % (MAX_HELD_SEGMENTS + 2) - 1
+
+
+def test_reordered_message_of_max_held_segments_is_read():
+    stream = framed(query("r.example.test.", qid=7) + b"\0" * 1000)
+    size = -(-len(stream) // (MAX_HELD_SEGMENTS + 1))
+    segments = [(i, stream[i : i + size]) for i in range(0, len(stream), size)]
+    assert len(segments) == MAX_HELD_SEGMENTS + 1
+    recs, reader = tcp_read(tcp_packets(segments[1:] + segments[:1]))
+    assert names(recs) == ["r.example.test."]
+    assert reader.stats.tcp_out_of_order == MAX_HELD_SEGMENTS and reader.stats.flows_overflowed == 0
+
+
+def test_retransmission_after_fin_is_not_a_second_message():
+    stream = framed(query("once.example.test."))
+    packets = tcp_packets([(0, stream)], fin=True)
+    packets.append(packets[1])  # the data segment again, after the FIN
+    recs, reader = tcp_read(packets)
+    assert names(recs) == ["once.example.test."] and reader.stats.tcp_retransmits == 1
+    # The same ports again: a new connection (with or without its SYN seen) is read.
+    packets += tcp_packets([(0, stream)], isn=500_000_000)
+    packets += tcp_packets([(0, stream)], isn=900_000_000, syn=False)
+    recs, reader = tcp_read(packets)
+    assert names(recs) == ["once.example.test."] * 3 and reader.stats.tcp_retransmits == 1
+
+
 def test_largest_tcp_message_fits_the_default_buffer():
     big = dns.message.make_response(dns.message.make_query("big.example.test.", "TXT"))
     wire = big.to_wire() + b"\0" * (65535 - len(big.to_wire()))  # trailing junk: still a DNS header
@@ -579,6 +621,42 @@ def test_corrupt_pcapng_block_is_reported_with_its_offset():
     bad[-4:] = struct.pack("<I", 12)  # trailing length does not match
     frames, reader = read_all(good + bytes(bad))
     assert len(frames) == 1 and reader.damage.offset == len(good) and "trailing" in reader.damage.reason
+
+
+@pytest.mark.parametrize("options", [
+    struct.pack("<HH", 9, 1),  # if_tsresol of 1 byte, the block ends before it
+    struct.pack("<HH", 14, 8) + struct.pack("<i", 5),  # if_tsoffset of 8 bytes, 4 there
+    struct.pack("<HH", 2, 400) + b"eth0",  # if_name, far longer than the block
+])
+def test_interface_option_past_its_block_is_damage(options):
+    """Such options raised IndexError / struct.error out of the reader."""
+    q, _ = udp_exchange()
+    good = shb() + idb("<", 1) + epb("<", 0, 1, ethernet(q))
+    bad = _block("<", 1, struct.pack("<HHI", 1, 0, 0) + options)
+    frames, reader = read_all(good + bad + epb("<", 1, 2, ethernet(q)))
+    assert len(frames) == 1 and reader.damage.offset == len(good)
+    assert "runs past the end of the block" in reader.damage.reason
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(options=st.binary(max_size=40), order=st.sampled_from(["<", ">"]))
+def test_arbitrary_interface_options_never_raise(options, order):
+    q, _ = udp_exchange()
+    data = shb(order) + _block(order, 1, struct.pack(order + "HHI", 1, 0, 0) + options) + epb(order, 0, 1, ethernet(q))
+    frames, reader = read_all(data)
+    for frame in frames:
+        decode(frame)
+    assert reader.damage is None or 0 <= reader.damage.offset <= len(data)
+
+
+def test_simple_packet_block_takes_the_time_of_the_packet_before():
+    q, r = udp_exchange()
+    ng = shb() + idb("<", 1) + epb("<", 0, 1_700_000_000_123_456, ethernet(q)) + spb("<", ethernet(r))
+    recs = records(ng)[0]
+    assert [rec["message"] for rec in recs] == ["CLIENT_QUERY", "CLIENT_RESPONSE"]
+    assert recs[1]["timestamp"] == pytest.approx(1_700_000_000.123456)
+    # The time is the reader's own: a reader that never saw a timed packet starts at 0.
+    assert records(shb() + idb("<", 1) + spb("<", ethernet(r)))[0][0]["timestamp"] == 0
 
 
 def _sample_files() -> list[tuple[bytes, set[int]]]:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
 import re
+import select
 import socket
 import statistics
 import struct
@@ -37,6 +40,7 @@ from core.packets import (
     PacketDecoder,
 )
 from pipeline.config import SnifferInput, config_from_dict
+from sources import sniffer
 from sources.sniffer import SnifferSpec, bpf_filter, open_socket, sniffer_spec
 
 OURS4, OURS6 = "192.0.2.53", "2001:db8::53"
@@ -258,9 +262,9 @@ def test_bpf_program_is_well_formed():
     for ports in ([53], [53, 5353, 853], range(1, 101)):
         program = bpf_filter(ports)
         assert (0x06, 0, 0, 0) in program and (0x06, 0, 0, 0x40000) in program
-        for i, (code, jt, jf, _k) in enumerate(program):
+        for i, (code, jt, jf, k) in enumerate(program):
             if code & 0x07 == 0x05:  # a jump stays inside the program
-                assert i + 1 + max(jt, jf) < len(program)
+                assert i + 1 + (k if code == 0x05 else max(jt, jf)) < len(program)
     with pytest.raises(ValueError, match="too many ports for the capture filter"):
         bpf_filter(range(1, 200))
 
@@ -487,3 +491,159 @@ def test_open_on_a_hub_feeds_it_and_stops_on_close(tmp_path):
     while (batch := hub.queue.get(timeout=10)) is not END:
         frames.extend(batch)
     assert [decode(f)["message"] for f in frames] == ["CLIENT_QUERY", "CLIENT_RESPONSE"]
+
+
+# --------------------------------------------------------------------------- interface down / gone
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
+@pytest.fixture
+def netns():
+    """A network namespace of its own (deleted after the test) and a function
+    running a callable inside it (on this thread, switched back after)."""
+    require_raw_socket()
+    peers.require("ip")
+    name = f"dtsniff{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+
+    def inside(call):
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        there = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(there)
+            try:
+                return call()
+            finally:
+                _setns(home)
+        finally:
+            os.close(home)
+            os.close(there)
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", "-n", name, *args], check=True)
+
+    try:
+        yield inside, ip
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+class CountingPoll:
+    """select with its poll objects counting their calls."""
+
+    POLLIN, POLLERR = select.POLLIN, select.POLLERR
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def poll(self):
+        real, outer = select.poll(), self
+
+        class Poll:
+            def register(self, *args):
+                real.register(*args)
+
+            def poll(self, timeout):
+                outer.calls += 1
+                return real.poll(timeout)
+
+        return Poll()
+
+
+def test_interface_down_or_deleted_is_logged_once_and_does_not_spin(netns, monkeypatch, caplog):
+    """A socket error (ENETDOWN) made poll() return at once forever: 100 % CPU.
+    It is read and logged once per state; the capture resumes when the
+    interface is back, even after it was deleted and created again."""
+    inside, ip = netns
+
+    def add_link() -> None:
+        ip("link", "add", "dt0", "type", "veth", "peer", "name", "dt1")
+        ip("addr", "add", "192.0.2.1/24", "dev", "dt0")
+        ip("link", "set", "dt1", "up")
+        ip("link", "set", "dt0", "up")
+        ip("neigh", "add", "192.0.2.2", "lladdr", "02:00:00:00:00:02", "dev", "dt0")
+
+    add_link()
+    fake = CountingPoll()
+    monkeypatch.setattr(sniffer, "select", fake)
+    port = 53
+    hub = FakeHub()
+
+    def send_query(name: str) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(dns.message.make_query(name, "A").to_wire(), ("192.0.2.2", port))
+
+    async def run():
+        def start():  # SnifferSpec.open, with the socket and the capture thread in the namespace
+            spec = SnifferSpec(interface="dt0", dns_ports=(port,))
+            capture = sniffer._Capture(spec, hub, *open_socket(spec))
+            capture.start()
+            return capture
+
+        capture = inside(start)
+        await asyncio.sleep(0.2)
+        for step in (("set", "dt0", "down"), ("del", "dt0")):
+            ip("link", *step)
+            fake.calls = 0
+            await asyncio.sleep(1.0)
+            assert fake.calls < 40, f"{fake.calls} polls in 1 s after link {step[0]}: the capture spins"
+        add_link()
+        await asyncio.sleep(1.5)  # REBIND_EVERY
+        inside(lambda: send_query("back.example.test."))
+        await asyncio.sleep(0.3)
+        await capture.close()
+
+    with caplog.at_level(logging.INFO, logger="dnstap_receiver.input"):
+        asyncio.run(run())
+    down = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
+    assert down == ["sniffer: capture on dt0 interrupted (Network is down); waiting for the interface to come back"]
+    assert any("capturing on dt0 again" in r.getMessage() for r in caplog.records)
+    assert [decode(f)["qname"] for f in hub.frames] == ["back.example.test."]
+
+
+def test_raw_ip_link_is_filtered_in_the_kernel(netns):
+    """A tun interface (no Ethernet header, like WireGuard) used to pass every
+    packet to Python; the filter reads its IP header at offset 0."""
+    import fcntl
+
+    inside, ip = netns
+    tun_setiff, iff_tun, iff_no_pi = 0x400454CA, 0x0001, 0x1000
+
+    def make_tun() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(fd, tun_setiff, struct.pack("16sH", b"dttun0", iff_tun | iff_no_pi))
+        return fd
+
+    tun = inside(make_tun)
+    try:
+        ip("link", "set", "dttun0", "up")
+        hub = FakeHub()
+        q = dns.message.make_query("tun.example.test.", "A").to_wire()
+
+        def start():
+            spec = SnifferSpec(interface="dttun0", dns_ports=(53,))
+            capture = sniffer._Capture(spec, hub, *open_socket(spec))
+            capture.start()
+            return capture
+
+        async def run():
+            capture = inside(start)
+            for dport in (9999, 53, 9999):  # only the middle one is DNS
+                os.write(tun, ipv4("192.0.2.9", "192.0.2.1", udp(40000, dport, q)))
+            await asyncio.sleep(0.3)
+            await capture.close()
+            return capture.stats
+
+        stats = asyncio.run(run())
+    finally:
+        os.close(tun)
+    assert [decode(f)["qname"] for f in hub.frames] == ["tun.example.test."]
+    assert (stats.packets, stats.non_dns) == (1, 0)

@@ -217,6 +217,27 @@ def test_remote_that_closes_at_once_is_logged_once(client_hub, caplog):
     ]
 
 
+def test_remote_that_accepts_and_sends_nothing_is_an_outage(client_hub, caplog):
+    """It used to hold the client on "connected" for ever: now the stream must
+    start within connect_timeout, else the connection is aborted and retried,
+    and the outage is logged once."""
+    caplog.set_level(logging.INFO, logger=INPUT_LOGGER)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(WAIT)
+        port = listener.getsockname()[1]
+        hub = client_hub(TcpClientSpec("127.0.0.1", port, retry=0.05, connect_timeout=0.3))
+        accepted = [listener.accept()[0] for _ in range(3)]  # held open, silent
+        for conn in accepted:
+            conn.settimeout(WAIT)
+            assert conn.recv(100) == b"", "the client did not close the silent connection"
+            conn.close()
+    assert client_lines(caplog) == [
+        f"tcp-client: connected to 127.0.0.1:{port}",
+        f"tcp-client: 127.0.0.1:{port} started no stream within 0.3 s; retrying every 0.05 s",
+    ]
+    assert hub.stats.client_connects >= 3
+
+
 @pytest.fixture
 def silent_port():
     """A port whose SYNs go unanswered: a listener that never accepts, its accept queue
