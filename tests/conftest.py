@@ -211,3 +211,18 @@ def receiver(receiver_factory):
 @pytest.fixture(scope="session")
 def lines_waiter():
     return wait_for_lines
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1 (names in subjectAltName,
+    which hostname verification requires) and its key, made with the openssl command."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return str(cert), str(key)

@@ -401,20 +401,6 @@ def test_graceful_close_without_finish_is_not_confirmed(reader):
     assert time.monotonic() - started < 0.9
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 and its key (openssl)."""
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return str(cert), str(key)
-
-
 @pytest.fixture
 def tls_reader(reader, tls_files):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

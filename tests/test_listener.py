@@ -14,7 +14,6 @@ import shutil
 import socket
 import stat
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -301,19 +300,6 @@ def test_access_control_list_allows_listed_network(hubs):
         client.stop()
     assert collect(hub, len(sent)) == sent
     assert hub.stats.refused == 0
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory) -> tuple[str, str]:
-    """A self-signed certificate and its key, made with the openssl command."""
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return str(cert), str(key)
 
 
 def test_tls(hubs, tls_files):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import subprocess
 import time
 
 import pytest
@@ -60,21 +59,6 @@ def client_hub():
 
 def client_lines(caplog, text: str = "") -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("tcp-client:") and text in r.getMessage()]
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory) -> tuple[str, str]:
-    """A self-signed certificate for localhost and 127.0.0.1 (names in subjectAltName,
-    which hostname verification requires) and its key."""
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return str(cert), str(key)
 
 
 # --------------------------------------------------------------------------- streams
