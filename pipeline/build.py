@@ -203,7 +203,7 @@ def check_kafka_input(config: Config) -> None:
     others = []
     for f in dataclasses.fields(config.input):
         section = getattr(config.input, f.name)
-        enabled = section.get("enable") if isinstance(section, dict) else getattr(section, "enable", False)
+        enabled = getattr(section, "enable", False)
         if enabled and f.name != "kafka":
             others.append("input." + f.name.replace("_", "-"))
     if others:
