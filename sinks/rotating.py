@@ -83,8 +83,12 @@ class RotatingFile:
             if size + step > self.max_size and size > 0:
                 if i > start:
                     written += self._write(lines[start:i])
-                size = self._rotate()
                 start = i
+                # Another process may have filled the new file between our
+                # rename and our lock: rotate until the line fits.
+                size = self._rotate()
+                while size + step > self.max_size and size > 0:
+                    size = self._rotate()
             size += step
         if start < len(lines):
             written += self._write(lines[start:])

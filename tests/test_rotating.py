@@ -266,6 +266,32 @@ def test_processes_share_one_rotated_file(tmp_path):
     assert len(got) == n * len(tags)
 
 
+def test_new_file_filled_by_another_process_before_our_lock(tmp_path, monkeypatch):
+    """Between our rename and our lock on the new file, another process creates
+    it and fills it nearly to the limit: we rotate again instead of writing past
+    the limit (the CI failure of session 3, made deterministic)."""
+    import sinks.rotating as rotating
+
+    path = tmp_path / "race.log"
+    real_shift = rotating.shift_backups
+    other = [b"o" * 89]
+
+    def shift_then_other_process_writes(p, count):
+        real_shift(p, count)
+        if other:
+            with open(p, "ab") as f:
+                f.write(other.pop() + b"\n")
+
+    monkeypatch.setattr(rotating, "shift_backups", shift_then_other_process_writes)
+    rf = RotatingFile(str(path), max_size=100, count=5)
+    rf.write_lines([b"a" * 60])
+    rf.write_lines([b"b" * 60])
+    rf.close()
+    files = rotated_files(path)
+    assert all(os.path.getsize(name) <= 100 for name in files)
+    assert read_lines(files) == [[b"a" * 60], [b"o" * 89], [b"b" * 60]]
+
+
 def test_a_failed_reopen_is_retried_at_the_next_write(tmp_path):
     """The directory goes away (the file was rotated away meanwhile): the write
     fails, no stale descriptor is kept, and writing resumes once it is back."""
