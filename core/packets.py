@@ -11,8 +11,9 @@ What is read: link types (pcap LINKTYPE_ numbers) null/loopback (0, 108),
 Ethernet (1, with 802.1Q / 802.1ad / QinQ tags; Linux's loopback interface
 uses it too), raw IP (101, 228, 229), Linux cooked SLL (113) and SLL2 (276);
 IPv4 and IPv6 (extension headers walked); UDP and TCP to or from one of
-``dns_ports``. IP fragments are counted and skipped, not reassembled (DNS over
-UDP rarely fragments; an atomic IPv6 fragment, RFC 6946, is read as it is).
+``dns_ports``. IP fragments (IPv4, and IPv6 fragment headers) are put back
+together by core.fragments.Reassembler before UDP or TCP is read; a datagram
+whose first fragment shows ports that are not DNS is not reassembled.
 
 Query or response: the DNS payload must hold at least a header; its QR bit
 says which it is, so traffic between two DNS ports (53 to 53) and loopback
@@ -56,6 +57,7 @@ from dataclasses import dataclass, fields
 
 from core.batches import FrameBatch
 from core.dnstap_wire import identity_field, varint
+from core.fragments import Reassembler
 
 __all__ = [
     "ALL_MESSAGE_TYPES",
@@ -135,7 +137,9 @@ class PacketStats:
     non_dns: int = 0  # IP, but not UDP/TCP to or from a DNS port
     malformed: int = 0  # bad IP/UDP/TCP headers, DNS payloads shorter than a header
     snapped: int = 0  # captured shorter than the IP packet (snaplen)
-    fragments: int = 0  # IPv4 / IPv6 fragments skipped (no reassembly)
+    fragments: int = 0  # IPv4 / IPv6 fragments read
+    fragments_reassembled: int = 0  # datagrams put back together from them
+    fragments_dropped: int = 0  # fragments that made no datagram (overlapping, timed out, not DNS...)
     unsupported_link: int = 0  # packets of an unknown link type or undeclared interface
     foreign: int = 0  # DNS messages between two addresses that are not ours (local_ips)
     unrecorded: int = 0  # DNS messages of a type switched off (message_types)
@@ -202,6 +206,7 @@ class PacketDecoder:
         self._prefix = identity_field(identity) if identity else b""
         self._flows: dict[tuple, _Flow] = {}
         self._closed: dict[tuple, int] = {}  # direction closed by a FIN -> its next sequence number
+        self._fragments = Reassembler(self.stats)
         self._sweep_at = 0.0
 
     def take(self) -> FrameBatch:
@@ -269,14 +274,20 @@ class PacketDecoder:
             if end > n:
                 stats.snapped += 1
                 return
-            if (data[off + 6] << 8 | data[off + 7]) & 0x3FFF:  # more fragments, or an offset
-                stats.fragments += 1
-                return
             proto = data[off + 9]
             src = data[off + 12 : off + 16]
             dst = data[off + 16 : off + 20]
             family = 1
             pos = off + ihl
+            frag = data[off + 6] << 8 | data[off + 7]
+            if frag & 0x3FFF:  # more fragments, or an offset
+                whole = self._fragment(
+                    (src, dst, data[off + 4 : off + 6], proto), proto, (frag & 0x1FFF) * 8, frag & 0x2000,
+                    data[pos:end], sec, nsec,
+                )
+                if whole is None:
+                    return
+                data, pos, end = whole, 0, len(whole)
         elif etype == _ETH_IPV6:
             n = len(data)
             if n - off < 40:
@@ -300,10 +311,18 @@ class PacketDecoder:
                     stats.malformed += 1
                     return
                 if proto == _IPV6_FRAGMENT:
-                    if (data[pos + 2] << 8 | data[pos + 3]) & 0xFFF9:  # offset or more-fragments
-                        stats.fragments += 1
-                        return
-                    size = 8  # an atomic fragment: the whole packet is here
+                    frag = data[pos + 2] << 8 | data[pos + 3]
+                    if frag & 0xFFF9:  # offset or more-fragments
+                        proto = data[pos]
+                        whole = self._fragment(
+                            (src, dst, data[pos + 4 : pos + 8]), proto, frag & 0xFFF8, frag & 1,
+                            data[pos + 8 : end], sec, nsec,
+                        )
+                        if whole is None:
+                            return
+                        data, pos, end = whole, 0, len(whole)
+                        continue
+                    size = 8  # an atomic fragment (RFC 6946): the whole packet is here
                 elif proto == _IPV6_AH:
                     size = (data[pos + 1] + 2) * 4
                 else:
@@ -347,6 +366,17 @@ class PacketDecoder:
             self._tcp(family, src, sport, dst, dport, seq, data[pos + 13], data[pos + doff : end], sec, nsec)
         else:
             stats.non_dns += 1
+
+    def _fragment(self, key, proto, offset, more, payload, sec, nsec) -> bytes | None:
+        """Hand a fragment to the reassembler; the datagram it completes."""
+        now = sec + nsec * 1e-9
+        if not offset and (proto == _UDP or proto == _TCP) and len(payload) >= 4:
+            sport, dport = _U16_PAIR.unpack_from(payload)
+            if sport not in self.dns_ports and dport not in self.dns_ports:
+                self.stats.non_dns += 1
+                self._fragments.reject(key, now)
+                return None
+        return self._fragments.add(key, offset, bool(more), payload, now)
 
     # ------------------------------------------------------------------ TCP
 
@@ -467,7 +497,8 @@ class PacketDecoder:
 
     def expire(self, now: float) -> None:
         """Drop the TCP flow directions idle since before ``now - flow_timeout``
-        (``now`` in epoch seconds, the packets' clock)."""
+        and the unfinished fragmented datagrams past their timeout (``now`` in
+        epoch seconds, the packets' clock)."""
         timeout = self.flow_timeout
         flows = self._flows
         stats = self.stats
@@ -482,13 +513,16 @@ class PacketDecoder:
             if flow.buf or flow.pending:
                 stats.tcp_incomplete += 1
         self._sweep_at = now + min(timeout, 1.0)
+        self._fragments.expire(now)
 
     def close(self) -> None:
-        """End of the capture: flows holding part of a message are counted as incomplete."""
+        """End of the capture: flows holding part of a message are counted as
+        incomplete, fragments of unfinished datagrams as dropped."""
         for flow in self._flows.values():
             if flow.buf or flow.pending:
                 self.stats.tcp_incomplete += 1
         self._flows.clear()
+        self._fragments.close()
 
     @property
     def flows(self) -> int:

@@ -36,8 +36,9 @@ logged. The bound interface going down (or being deleted) is logged once and
 the capture waits: it resumes when the interface is up again, or once an
 interface of that name exists again (it is bound anew). Counters (``stats``,
 registered as the ``input.sniffer`` counter group): packets, dns_messages,
-non_dns, malformed, fragments, kernel_drops, flows_expired... TCP flow state
-is bounded and idle flows expire.
+non_dns, malformed, fragments, fragments_reassembled, kernel_drops,
+flows_expired... TCP flow state and fragments held for reassembly are
+bounded and expire.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def bpf_filter(dns_ports) -> list[tuple[int, int, int, int]]:
     """A classic BPF program (code, jt, jf, k) that keeps, of Ethernet-framed
     packets (Ethernet and loopback interfaces) and raw IP packets (tun,
     WireGuard), the IPv4/IPv6 UDP/TCP packets to or from one of
-    ``dns_ports``, IP fragments (counted by the decoder), VLAN-tagged frames
+    ``dns_ports``, IP fragments (reassembled by the decoder), VLAN-tagged frames
     and IPv6 packets with extension headers (both sorted out by the decoder);
     drops the outgoing copy of each loopback packet; keeps every packet of
     other link types (the decoder reads or counts them). ValueError for more

@@ -340,10 +340,11 @@ def test_ipv6_extension_headers_are_walked():
     packets.append(ipv6(CLIENT6, SERVER6, l4, ext=((44, b"\0\x05\x00\0\0\0\x2a"),)))  # a later fragment
     recs, reader = records(pcap([(1, 0, p) for p in packets], 229))
     assert [r["qname"] for r in recs] == ["www.example.test."]
-    assert reader.stats.fragments == 2
+    # A first fragment of a length no fragment can have (not a multiple of 8): no datagram.
+    assert (reader.stats.fragments, reader.stats.fragments_dropped) == (2, 2)
 
 
-def test_ipv4_fragments_are_counted_and_skipped():
+def test_fragments_that_make_no_datagram_are_counted_and_dropped():
     l4 = udp(40000, 53, query())
     packets = [
         ipv4(CLIENT4, SERVER4, l4, frag=0x2000),  # more fragments
@@ -351,7 +352,8 @@ def test_ipv4_fragments_are_counted_and_skipped():
         ipv4(CLIENT4, SERVER4, l4, frag=0x4000),  # don't fragment: a whole packet
     ]
     recs, reader = records(pcap([(1, 0, p) for p in packets], 101))
-    assert len(recs) == 1 and reader.stats.fragments == 2
+    assert len(recs) == 1
+    assert (reader.stats.fragments, reader.stats.fragments_dropped, reader.stats.fragments_reassembled) == (2, 2, 0)
 
 
 def test_other_traffic_is_counted_not_emitted():

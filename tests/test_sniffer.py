@@ -30,8 +30,10 @@ import pytest
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fragments import big_response
 from test_pcap import ethernet, ipv4, ipv6, query, response, tcp, udp
 
+from core import dnstap_pb2
 from core.errors import ConfigError
 from core.message import decode
 from core.packets import (
@@ -647,3 +649,55 @@ def test_raw_ip_link_is_filtered_in_the_kernel(netns):
         os.close(tun)
     assert [decode(f)["qname"] for f in hub.frames] == ["tun.example.test."]
     assert (stats.packets, stats.non_dns) == (1, 0)
+
+
+def test_responses_fragmented_by_the_kernel_are_reassembled(netns):
+    """A namespace whose loopback has an MTU of 1,280: the kernel fragments a
+    4,000-byte answer (IPv4 and IPv6) and the sniffer puts each back together."""
+    inside, ip = netns
+    ip("link", "set", "lo", "mtu", "1280", "up")
+    hub = FakeHub()
+    wires = {}
+
+    def start():
+        spec = SnifferSpec(interface="lo", local_ips=("127.0.0.1", "::1"), dns_ports=(53,))
+        capture = sniffer._Capture(spec, hub, *open_socket(spec))
+        capture.start()
+        return capture
+
+    def exchange(family: int, host: str) -> None:
+        server, client = socket.socket(family, socket.SOCK_DGRAM), socket.socket(family, socket.SOCK_DGRAM)
+        with server, client:
+            if family == socket.AF_INET:  # no DF bit: the kernel fragments instead of refusing
+                server.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER, IP_PMTUDISC_DONT
+            server.bind((host, 53))
+            client.sendto(query("big.example.test.", "TXT"), (host, 53))
+            wire, peer = server.recvfrom(4096)
+            answer = big_response()
+            server.sendto(answer, peer)
+            assert client.recv(8192) == answer
+            wires[family] = answer
+
+    async def run():
+        capture = inside(start)
+        await asyncio.sleep(0.2)
+        inside(lambda: exchange(socket.AF_INET, "127.0.0.1"))
+        inside(lambda: exchange(socket.AF_INET6, "::1"))
+        await asyncio.sleep(0.3)
+        await capture.close()
+        return capture.stats
+
+    stats = asyncio.run(run())
+    taps = []
+    for frame in hub.frames:
+        tap = dnstap_pb2.Dnstap()
+        tap.ParseFromString(frame)
+        taps.append(tap)
+    assert [(decode(f)["message"], decode(f)["family"]) for f in hub.frames] == [
+        ("CLIENT_QUERY", "INET"), ("CLIENT_RESPONSE", "INET"), ("CLIENT_QUERY", "INET6"), ("CLIENT_RESPONSE", "INET6"),
+    ]
+    assert [taps[1].message.response_message, taps[3].message.response_message] == [
+        wires[socket.AF_INET], wires[socket.AF_INET6],
+    ]
+    assert stats.fragments == stats.packets - 2 >= 6, "each answer in three fragments at least"
+    assert (stats.fragments_reassembled, stats.fragments_dropped) == (2, 0)
