@@ -85,6 +85,34 @@ def name_to_text(labels: list[bytes]) -> str:
     return "".join("".join(_ESCAPED[b] for b in label) + "." for label in labels)
 
 
+# Question names repeat from message to message: their text, by the bytes of
+# the name up to the first zero byte. A name is cached only when it was read
+# uncompressed and ends at that zero byte; then any message holding the same
+# bytes there reads as the same name, ending at the same place. Bounded:
+# cleared when full.
+_QNAMES: dict[bytes, str] = {}
+_QNAMES_MAX = 65_536
+
+
+def _question_name(wire: bytes) -> tuple[str, int]:
+    """Text of the name at HEADER_SIZE and the offset just after it."""
+    end = wire.find(b"\0", HEADER_SIZE) + 1
+    key = wire[HEADER_SIZE:end] if end else b""
+    text = _QNAMES.get(key)
+    if text is not None:
+        return text, end
+    labels, pos = read_name(wire, HEADER_SIZE)
+    text = name_to_text(labels)
+    # Uncompressed: the bytes read are exactly the labels and the root. (A
+    # pointer ending at the zero byte would give the same ``pos`` while the
+    # text comes from elsewhere in the message.)
+    if pos == end and sum(map(len, labels)) + len(labels) + 1 == end - HEADER_SIZE:
+        if len(_QNAMES) >= _QNAMES_MAX:
+            _QNAMES.clear()
+        _QNAMES[key] = text
+    return text, pos
+
+
 def read_name(wire: bytes, pos: int) -> tuple[list[bytes], int]:
     """Labels of the name at ``pos`` and the offset just after it.
 
@@ -208,8 +236,7 @@ def parse(wire: bytes, rec: dict) -> bool:
     try:
         pos = HEADER_SIZE
         if qdcount:
-            labels, pos = read_name(wire, HEADER_SIZE)
-            rec["qname"] = name_to_text(labels)
+            rec["qname"], pos = _question_name(wire)
             if pos + 4 > len(wire):
                 raise ValueError("truncated question")
             qtype, qclass = _U16_PAIR.unpack_from(wire, pos)

@@ -309,6 +309,32 @@ def test_valid_backward_pointer():
     assert dns.message.from_wire(wire).question[0].name.to_text() == "a.example."
 
 
+def test_question_name_cache_is_only_for_uncompressed_names(monkeypatch):
+    """Names are cached by their bytes up to the first zero byte. A question
+    name ending in a pointer whose second byte is zero (to offset 0: the
+    header) stops at that same zero byte, but its text comes from the header,
+    which differs between messages: it must not be cached."""
+    monkeypatch.setattr(dnswire, "_QNAMES", {})
+    tail = b"\x00\x01\x00\x01"
+    plain = _header() + b"\x03www\x07example\x00" + tail
+    first, again = {}, {}
+    assert parse(plain, first) and parse(plain, again)
+    assert first["qname"] == again["qname"] == "www.example."
+    assert dnswire._QNAMES == {b"\x03www\x07example\x00": "www.example."}
+
+    def pointing_at_the_header(msg_id: int) -> bytes:
+        # The header read as a name: its first byte is the length of a label.
+        return struct.pack("!HHHHHH", msg_id, 0, 1, 0, 0, 0) + b"\x01a\xc0\x00" + tail
+
+    names = []
+    for msg_id in (0x0162, 0x0163):  # labels "b" and "c" (then the rest of the header)
+        rec: dict = {}
+        parse(pointing_at_the_header(msg_id), rec)
+        names.append(rec.get("qname"))
+    assert names[0] != names[1], names
+    assert len(dnswire._QNAMES) == 1
+
+
 @pytest.mark.parametrize("label_type", [0x40, 0x41, 0x80, 0xBF])
 def test_reserved_label_types_are_malformed(label_type):
     assert parse(_header() + bytes([label_type, 1]) + b"\x00\x01\x00\x01", {}) is False
