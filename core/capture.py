@@ -78,12 +78,15 @@ class Damaged(Exception):
     @classmethod
     def unreadable(cls, offset: int, exc: BaseException) -> Damaged:
         """The file could not be read (or decompressed) past ``offset``."""
-        return cls(offset, f"unreadable ({type(exc).__name__}: {exc})")
+        kind = "corrupt gzip data" if isinstance(exc, zlib.error) else type(exc).__name__
+        return cls(offset, f"unreadable ({kind}: {exc})")
 
 
 def open_capture(path: str) -> BinaryIO:
     """``path`` opened for reading, decompressed if it starts with the gzip
-    magic bytes. OSError if it cannot be opened."""
+    magic bytes. OSError if it cannot be opened. Either kind of stream has
+    ``peek(n)``: the first bytes, to tell the file's format, without
+    consuming them (it may raise what ``read`` raises)."""
     raw = open(path, "rb")  # noqa: SIM115  returned open
     try:
         magic = raw.read(2)
@@ -106,9 +109,25 @@ class _GzipStream:
         self._raw = raw
         self._d = zlib.decompressobj(wbits=31)
         self._tail = b""  # compressed bytes not yet fed to the decompressor
+        self._ahead = b""  # decompressed by peek, not yet read
+
+    def peek(self, size: int = 1) -> bytes:
+        """At least ``size`` bytes ahead (fewer at the end), not consumed."""
+        while len(self._ahead) < size:
+            more = self._decompress(size - len(self._ahead))
+            if not more:
+                break
+            self._ahead += more
+        return self._ahead
 
     def read(self, size: int = READ_SIZE) -> bytes:
         size = size if size and size > 0 else READ_SIZE
+        if self._ahead:
+            out, self._ahead = self._ahead[:size], self._ahead[size:]
+            return out
+        return self._decompress(size)
+
+    def _decompress(self, size: int) -> bytes:
         while True:
             if self._d.eof:
                 rest = self._d.unused_data or self._raw.read(READ_SIZE)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import zlib
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -31,11 +32,12 @@ from core.capture import (
     DEFAULT_BATCH_SIZE,
     MAX_CAPTURE_FRAME_SIZE,
     CaptureDamage,
+    Damaged,
     open_capture,
     read_frames,
 )
 from core.errors import ConfigError
-from core.pcap import is_pcap, read_pcap
+from core.pcap import PcapReader, is_pcap, read_pcap
 from core.progress import ProgressBoard
 
 __all__ = ["METRICS_NAMESPACE", "NoCaptureMatch", "ReadFromCaptures", "expand_patterns"]
@@ -90,39 +92,46 @@ class _ReadCaptureFn(beam.DoFn):
         if self._board is not None:
             self._board.close()
 
+    def _reader(self, stream, path: str):
+        """(reader for the file's format, None), told by its first bytes, or
+        (None, CaptureDamage) when they cannot be read (a gzip file cut or
+        corrupt in its first block)."""
+        try:
+            head = stream.peek(4)[:4]
+        except (OSError, EOFError, zlib.error) as exc:
+            return None, CaptureDamage(path, 0, Damaged.unreadable(0, exc).reason)
+        if is_pcap(head):  # DNS packets, turned into CLIENT_QUERY/CLIENT_RESPONSE messages
+            return read_pcap(stream, path, dns_ports=self._dns_ports, identity=self._identity,
+                             batch_size=self._batch_size), None
+        return read_frames(stream, path, self._batch_size, self._max_frame_size), None
+
     def process(self, element: tuple[int, str]):
         index, path = element
         board = self._board
         frames = 0
-        damage: CaptureDamage | None = None
-        pcap = False
+        reader = None
         try:
-            with open_capture(path) as probe:
-                pcap = is_pcap(probe.read(4))
             stream = open_capture(path)
         except OSError as exc:
             damage = CaptureDamage(path, 0, f"cannot open: {exc.strerror or exc}")
         else:
             with stream:
-                if pcap:  # DNS packets, turned into CLIENT_QUERY/CLIENT_RESPONSE messages
-                    reader = read_pcap(stream, path, dns_ports=self._dns_ports, identity=self._identity,
-                                       batch_size=self._batch_size)
-                else:
-                    reader = read_frames(stream, path, self._batch_size, self._max_frame_size)
-                for batch in reader:
-                    frames += len(batch)
-                    # Counted as they go: a failure later in the file keeps these.
-                    self._frames.inc(len(batch))
-                    STATS["frames"] += len(batch)
-                    if board is not None:
-                        board.report(index, frames)
-                    yield batch
-                damage = reader.damage
+                reader, damage = self._reader(stream, path)
+                if reader is not None:
+                    for batch in reader:
+                        frames += len(batch)
+                        # Counted as they go: a failure later in the file keeps these.
+                        self._frames.inc(len(batch))
+                        STATS["frames"] += len(batch)
+                        if board is not None:
+                            board.report(index, frames)
+                        yield batch
+                    damage = reader.damage
         self._files.inc()
         STATS["files"] += 1
         if board is not None:
             board.report(index, frames, done=True)
-        if pcap:
+        if isinstance(reader, PcapReader):
             stats = reader.stats.as_dict()
             log.info("replay: %s: %s", path, ", ".join(f"{k}={v}" for k, v in stats.items() if v))
         if damage is None:

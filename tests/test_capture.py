@@ -95,6 +95,22 @@ def test_truncated_gzip_keeps_the_frames_decompressed(tmp_path):
     assert reader.damage.offset == bounds[len(got) + 1]
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 100_000])
+def test_peek_then_read_gives_every_byte_once(tmp_path, compress, size):
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    path = tmp_path / "f"
+    # Two gzip members: the peek may straddle their boundary.
+    path.write_bytes(gzip.compress(data[:2]) + gzip.compress(data[2:]) if compress else data)
+    with open_capture(str(path)) as stream:
+        assert stream.peek(4)[:4] == data[:4]
+        assert stream.peek(4)[:4] == data[:4]
+        got = b""
+        while chunk := stream.read(3 if len(got) < 10 else 65536):
+            got += chunk
+    assert got == data
+
+
 def test_corrupted_gzip_reports_damage(tmp_path):
     packed = bytearray(gzip.compress((CAPTURES / "named.fstrm").read_bytes()))
     for i in range(20, len(packed) - 20, 7):

@@ -123,6 +123,23 @@ def test_not_a_capture_is_damage_not_a_crash(tmp_path):
     assert f"damaged: {junk} at offset 0: missing START" in proc.stderr
 
 
+def test_gzip_damaged_in_its_first_block_is_damage_not_a_crash(tmp_path):
+    """The format is told by the first decompressed bytes: a gzip file cut or
+    corrupt before them used to stop the whole run with a traceback."""
+    cut = tmp_path / "cut.fstrm.gz"
+    cut.write_bytes(b"\x1f\x8b")
+    corrupt = tmp_path / "corrupt.fstrm.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08\x00" + b"garbage" * 5)
+    proc, out = run_replay(tmp_path, "--replay", str(cut), "--replay", str(corrupt),
+                           "--replay", str(CAPTURES / "named.fstrm"))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert output(out) == as_output(capture_frames("named.fstrm"))
+    assert f"damaged: {cut} at offset 0: unreadable (EOFError: compressed file ended" in proc.stderr
+    assert f"damaged: {corrupt} at offset 0: unreadable (corrupt gzip data: " in proc.stderr
+    assert re.search(r"replay summary: 3/3 files, 100 messages .* 2 damaged", proc.stderr), proc.stderr
+
+
 def test_replay_windows_json_lines(tmp_path):
     windows = tmp_path / "windows.jsonl"
     proc, out = run_replay(
