@@ -332,15 +332,18 @@ class PacketDecoder:
         else:
             stats.non_ip += 1
             return
+        if proto != _UDP and proto != _TCP:
+            stats.non_dns += 1
+            return
+        if end - pos < (8 if proto == _UDP else 20):
+            stats.malformed += 1
+            return
+        sport, dport = _U16_PAIR.unpack_from(data, pos)
+        ports = self.dns_ports
+        if sport not in ports and dport not in ports:
+            stats.non_dns += 1
+            return
         if proto == _UDP:
-            if end - pos < 8:
-                stats.malformed += 1
-                return
-            sport, dport = _U16_PAIR.unpack_from(data, pos)
-            ports = self.dns_ports
-            if sport not in ports and dport not in ports:
-                stats.non_dns += 1
-                return
             ulen = data[pos + 4] << 8 | data[pos + 5]
             if ulen < 8 or pos + ulen > end:
                 if ulen == 0 and family == 2:  # a jumbogram's UDP length
@@ -349,23 +352,13 @@ class PacketDecoder:
                     stats.malformed += 1
                     return
             self._dns(data[pos + 8 : pos + ulen], family, 1, src, sport, dst, dport, sec, nsec)
-        elif proto == _TCP:
-            if end - pos < 20:
-                stats.malformed += 1
-                return
-            sport, dport = _U16_PAIR.unpack_from(data, pos)
-            ports = self.dns_ports
-            if sport not in ports and dport not in ports:
-                stats.non_dns += 1
-                return
+        else:
             (seq,) = _U32.unpack_from(data, pos + 4)
             doff = (data[pos + 12] >> 4) * 4
             if doff < 20 or pos + doff > end:
                 stats.malformed += 1
                 return
             self._tcp(family, src, sport, dst, dport, seq, data[pos + 13], data[pos + doff : end], sec, nsec)
-        else:
-            stats.non_dns += 1
 
     def _fragment(self, key, proto, offset, more, payload, sec, nsec) -> bytes | None:
         """Hand a fragment to the reassembler; the datagram it completes."""
