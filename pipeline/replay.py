@@ -61,7 +61,7 @@ from pipeline.build import (
 from pipeline.config import Config
 from pipeline.worker import logging_env
 from sinks.stdout import STDOUT_LOCK_ENV
-from sources.capture_io import METRICS_NAMESPACE, ReadFromCaptures, expand_patterns
+from sources.capture_io import DAMAGE_METRIC, METRICS_NAMESPACE, ReadFromCaptures, expand_patterns
 from transforms.decode import DecodeDnstap
 from transforms.statistics import WindowStatistics
 
@@ -286,7 +286,7 @@ def summarize(result, seconds: float, before: dict) -> ReplaySummary:
             summary.decoded += value
     damage = set()
     for res in metrics.get("string_sets", []):
-        if res.key.metric.namespace == METRICS_NAMESPACE and res.key.metric.name == "damage":
+        if res.key.metric.namespace == METRICS_NAMESPACE and res.key.metric.name.startswith(DAMAGE_METRIC):
             damage.update(_committed(res) or ())
     for item in damage:
         path, offset, reason = item.split("\t", 2)

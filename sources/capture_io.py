@@ -40,11 +40,12 @@ from core.errors import ConfigError
 from core.pcap import PcapReader, is_pcap, read_pcap
 from core.progress import ProgressBoard
 
-__all__ = ["METRICS_NAMESPACE", "NoCaptureMatch", "ReadFromCaptures", "expand_patterns"]
+__all__ = ["DAMAGE_METRIC", "METRICS_NAMESPACE", "NoCaptureMatch", "ReadFromCaptures", "expand_patterns"]
 
 log = logging.getLogger("dnstap_receiver.replay")
 
 METRICS_NAMESPACE = "replay"
+DAMAGE_METRIC = "damage."  # + the file's index: "path\toffset\treason"
 STATS = counters.counter_group(METRICS_NAMESPACE)
 
 
@@ -85,7 +86,6 @@ class _ReadCaptureFn(beam.DoFn):
         self._files = Metrics.counter(METRICS_NAMESPACE, "files")
         self._frames = Metrics.counter(METRICS_NAMESPACE, "frames")
         self._damaged = Metrics.counter(METRICS_NAMESPACE, "damaged_files")
-        self._damage = Metrics.string_set(METRICS_NAMESPACE, "damage")
         self._board = ProgressBoard.attach(*self._progress) if self._progress else None
 
     def teardown(self) -> None:
@@ -138,7 +138,11 @@ class _ReadCaptureFn(beam.DoFn):
             log.info("replay: %s: %d frames", path, frames)
             return
         self._damaged.inc()
-        self._damage.add(f"{damage.path}\t{damage.offset}\t{damage.reason}")
+        # One metric per file: the FnApiRunner keeps a single value per
+        # metric key across bundles (it has no merge for string sets), so a
+        # shared key would lose the damage found by other worker processes.
+        Metrics.string_set(METRICS_NAMESPACE, f"{DAMAGE_METRIC}{index}").add(
+            f"{damage.path}\t{damage.offset}\t{damage.reason}")
         STATS["damaged_files"] += 1
         log.error("replay: %s: damaged at offset %d: %s (%d frames read before)",
                   damage.path, damage.offset, damage.reason, frames)

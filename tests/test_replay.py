@@ -306,6 +306,18 @@ def test_damage_is_reported_from_worker_processes(tmp_path):
     assert f"replay summary: damaged: {cut} at offset {offset}: truncated frame" in proc.stderr, proc.stderr
 
 
+def test_damage_found_by_each_worker_process_is_in_the_summary(tmp_path):
+    """The FnApiRunner keeps one value per metric key across bundles: with one
+    shared key, the damage one worker found was lost from the summary."""
+    cuts = [truncated_copy(tmp_path, "named.fstrm", 37), truncated_copy(tmp_path, "unbound-tcp.fstrm", 5)]
+    proc, _ = run_replay(tmp_path, "--replay", str(cuts[0][0]), "--replay", str(cuts[1][0]), "--replay-workers", "2")
+    assert proc.returncode == 1, proc.stderr
+    assert "on 2 worker processes" in proc.stderr
+    for cut, offset in cuts:
+        assert f"replay summary: damaged: {cut} at offset {offset}: truncated frame" in proc.stderr, proc.stderr
+    assert re.search(r"replay summary: 2/2 files, 42 messages .* 2 damaged", proc.stderr), proc.stderr
+
+
 def test_an_output_that_cannot_be_shared_keeps_one_process(tmp_path):
     proc, out = run_replay(tmp_path, "--replay", str(CAPTURES / "unbound-*.fstrm"), "--replay-workers", "2",
                            output={"dnstap-file": {"enable": True, "file": str(tmp_path / "copy.fstrm")}})
