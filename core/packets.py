@@ -123,6 +123,9 @@ _HEADS = {
     for proto in (1, 2)
 }
 _DNSTAP_TAIL = b"\x78\x01"  # Dnstap.type = MESSAGE
+# Tags of the time (seconds, nanoseconds) and message fields: query_* or response_*.
+_QUERY_TAGS = (b"\x40", b"\x4d", b"\x52")
+_RESPONSE_TAGS = (b"\x60", b"\x6d", b"\x72")
 
 
 @dataclass
@@ -548,25 +551,22 @@ class PacketDecoder:
         if mtype not in self.message_types:
             stats.unrecorded += 1
             return
-        alen = b"\x04" if family == 1 else b"\x10"
         if response:
             stats.responses += 1
             # The querier is the destination of a response.
-            body = b"".join((
-                _HEADS[mtype, family, proto],
-                b"\x22", alen, dst, b"\x2a", alen, src,
-                b"\x30", varint(dport), b"\x38", varint(sport),
-                b"\x60", varint(sec), b"\x6d", _NSEC.pack(nsec),
-                b"\x72", varint(len(wire)), wire,
-            ))
+            querier, qport, server, rport = dst, dport, src, sport
+            sec_tag, nsec_tag, wire_tag = _RESPONSE_TAGS
         else:
             stats.queries += 1
-            body = b"".join((
-                _HEADS[mtype, family, proto],
-                b"\x22", alen, src, b"\x2a", alen, dst,
-                b"\x30", varint(sport), b"\x38", varint(dport),
-                b"\x40", varint(sec), b"\x4d", _NSEC.pack(nsec),
-                b"\x52", varint(len(wire)), wire,
-            ))
+            querier, qport, server, rport = src, sport, dst, dport
+            sec_tag, nsec_tag, wire_tag = _QUERY_TAGS
+        alen = b"\x04" if family == 1 else b"\x10"
+        body = b"".join((
+            _HEADS[mtype, family, proto],
+            b"\x22", alen, querier, b"\x2a", alen, server,
+            b"\x30", varint(qport), b"\x38", varint(rport),
+            sec_tag, varint(sec), nsec_tag, _NSEC.pack(nsec),
+            wire_tag, varint(len(wire)), wire,
+        ))
         stats.dns_messages += 1
         self.out.append(b"".join((self._prefix, b"\x72", varint(len(body)), body, _DNSTAP_TAIL)))
