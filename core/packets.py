@@ -88,6 +88,12 @@ MAX_HELD_SEGMENTS = 64
 
 # Link types (pcap LINKTYPE_ numbers)
 _NULL, LINK_ETHERNET, LINK_RAW, _IPV4, _IPV6, _SLL, _LOOP, _SLL2 = 0, 1, 101, 228, 229, 113, 108, 276
+# Link header length, and the offset of the EtherType in it; -1: no EtherType,
+# IP follows the header and its version tells which.
+_LINKS = {
+    LINK_ETHERNET: (14, 12), _SLL: (16, 14), _SLL2: (20, 0),
+    LINK_RAW: (0, -1), _IPV4: (0, -1), _IPV6: (0, -1), _NULL: (4, -1), _LOOP: (4, -1),
+}
 _VLAN_TYPES = frozenset({0x8100, 0x88A8, 0x9100, 0x9200})
 _ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
 # IPv6 extension headers laid out as next-header, length in 8-octet units - 1.
@@ -228,34 +234,22 @@ class PacketDecoder:
 
     def _decode(self, link: int, data: bytes, sec: int, nsec: int) -> None:
         stats = self.stats
-        if link == LINK_ETHERNET:
-            if len(data) < 14:
+        framing = _LINKS.get(link)
+        if framing is None:
+            stats.unsupported_link += 1
+            return
+        off, at = framing
+        if at >= 0:
+            if len(data) < off:
                 stats.malformed += 1
                 return
-            etype = data[12] << 8 | data[13]
-            off = 14
-        elif link == LINK_RAW or link == _NULL or link == _LOOP or link == _IPV4 or link == _IPV6:
-            off = 4 if link == _NULL or link == _LOOP else 0
+            etype = data[at] << 8 | data[at + 1]
+        else:
             if len(data) <= off:
                 stats.malformed += 1
                 return
             version = data[off] >> 4
             etype = _ETH_IPV4 if version == 4 else _ETH_IPV6 if version == 6 else 0
-        elif link == _SLL:
-            if len(data) < 16:
-                stats.malformed += 1
-                return
-            etype = data[14] << 8 | data[15]
-            off = 16
-        elif link == _SLL2:
-            if len(data) < 20:
-                stats.malformed += 1
-                return
-            etype = data[0] << 8 | data[1]
-            off = 20
-        else:
-            stats.unsupported_link += 1
-            return
         while etype in _VLAN_TYPES:
             if len(data) < off + 4:
                 stats.malformed += 1
